@@ -58,11 +58,23 @@ def dipole_kernel(
         float32 kernel with D(0) = 0, unshifted (DC at index 0).
     """
     b = normalize_b0_dir(b0_dir).astype(np.float32)
-    kx, ky, kz = kspace_grid(shape, voxel_size_mm, real=real)
-    k2 = kx * kx + ky * ky + kz * kz
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    ks = kspace_grid(shape, voxel_size_mm, real=real)
+    k2 = ks[0] * ks[0] + ks[1] * ks[1] + ks[2] * ks[2]
+    # On an even grid the Nyquist frequency is both +kN and -kN. Averaging D over the two signs
+    # keeps the kernel real-even (Hermitian), so the real-FFT convolution is exact; it amounts
+    # to dropping the cross terms of (k . b)^2 that involve a Nyquist component.
+    kb = np.zeros((1, 1, 1), np.float32)
+    kb_nyq = np.zeros((1, 1, 1), np.float32)
+    for axis, (k, n) in enumerate(zip(ks, shape, strict=True)):
+        kbi = k * b[axis]
+        if n % 2 == 0:
+            nyq = np.zeros(k.shape, dtype=bool)
+            nyq.reshape(-1)[n // 2] = True
+            kb_nyq = kb_nyq + np.where(nyq, kbi * kbi, np.float32(0))
+            kbi = np.where(nyq, np.float32(0), kbi)
+        kb = kb + kbi
     k2[0, 0, 0] = 1.0  # avoid 0/0 at DC; D(0) is set below
-    kernel = np.float32(1.0 / 3.0) - kb * kb / k2
+    kernel = np.float32(1.0 / 3.0) - (kb * kb + kb_nyq) / k2
     kernel[0, 0, 0] = 0.0
     return kernel.astype(np.float32, copy=False)
 
