@@ -144,7 +144,7 @@ def forward_check(bench: Benchmark, inputs: dict, field: Any) -> str:
     ours -= ours.mean()
     ref -= ref.mean()
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-    return f"rel diff {100 * rel:.2g}% vs qsm-forward"
+    return f"rel diff {100 * rel:.2f}% vs qsm-forward"
 
 
 # ------------------------------------------------------------------------------ simulator

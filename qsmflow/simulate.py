@@ -347,7 +347,8 @@ def simulate_acquisition(
         offsets = phase0
         sigma = ref_level / params.snr
     if np.isfinite(sigma) and sigma > 0:
-        noise = rng.standard_normal(signal.shape + (2,), dtype=np.float32) * np.float32(sigma / np.sqrt(2))
+        # sigma per real/imaginary channel: the magnitude image then has noise SD sigma
+        noise = rng.standard_normal(signal.shape + (2,), dtype=np.float32) * np.float32(sigma)
         signal += noise[..., 0] + 1j * noise[..., 1]
         del noise
     return SimulatedAcquisition(

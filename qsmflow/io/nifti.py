@@ -45,7 +45,10 @@ def b0_direction_from_affine(
     a = np.asarray(affine, dtype=np.float64)
     if a.shape not in ((4, 4), (3, 3)):
         raise ValueError(f"affine must be 4x4 or 3x3, got shape {a.shape}")
-    rot = a[:3, :3] / voxel_sizes(a)
+    vox = voxel_sizes(a)
+    if not np.all(vox > 1e-9):
+        raise ValueError(f"affine is singular (voxel sizes {vox}); cannot derive the B0 direction")
+    rot = a[:3, :3] / vox
     if abs(np.linalg.det(rot)) < 1e-6:
         raise ValueError("affine is singular; cannot derive the B0 direction")
     b = np.linalg.solve(rot, np.asarray(b0_world, dtype=np.float64))
