@@ -186,8 +186,9 @@ def _bids_errors(root: Path) -> int | None:
 def simulate_check(bench: Benchmark, inputs: dict, root: Any) -> str:
     """BIDS validity and the first-echo SNR in the brain measured against the requested SNR.
 
-    Air (phantom label AIR) has no signal, so its magnitude is pure noise and its root mean
-    square is the complex noise standard deviation.
+    Air (phantom label AIR) has no signal, so its magnitude is Rayleigh noise with
+    ``E[M^2] = 2 sigma^2``, sigma being the standard deviation of the real and imaginary channels
+    (which is also the magnitude's noise standard deviation where there is signal).
     """
     import nibabel as nib
     import numpy as np
@@ -209,7 +210,7 @@ def simulate_check(bench: Benchmark, inputs: dict, root: Any) -> str:
     mag = np.asanyarray(nib.load(root / "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz").dataobj)
     brain = np.asanyarray(nib.load(gt / "sub-01_desc-brain_mask.nii.gz").dataobj) > 0
     air = np.asanyarray(nib.load(gt / "sub-01_desc-phantom_dseg.nii.gz").dataobj) == AIR
-    sigma = np.sqrt(np.mean(mag[air].astype(np.float64) ** 2))
+    sigma = np.sqrt(np.mean(mag[air].astype(np.float64) ** 2) / 2)
     snr = mag[brain].mean() / sigma
     return f"{bids}, SNR {snr:.1f} (asked {params.snr:g})"
 

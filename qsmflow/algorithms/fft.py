@@ -26,7 +26,10 @@ def padded_shape(
         Spatial shape of the volume.
     pad_factor : float
         Padded length over original length; 1 keeps the size (rounded up to a fast length).
-        A factor of 2 removes wrap-around for sources and observation points inside the volume.
+        With a factor of 2 the periodic copies of the sources lie at least one volume away, so
+        no copy overlaps the volume; their far field remains (a smooth, harmonic error that is
+        ~13 % of the field of a head filling the volume with a net moment at 2x, 0.3 % at 4x,
+        and far smaller for sources with zero mean, such as a demeaned local susceptibility).
     min_margin : int
         Minimum number of padding voxels on each side.
     """

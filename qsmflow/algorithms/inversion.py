@@ -88,11 +88,12 @@ def tkd(
     if roi.shape != field.shape:
         raise ValueError(f"mask shape {roi.shape} differs from field shape {field.shape}")
     big = padded_shape(field.shape, pad_factor=pad_factor)
-    inv = tkd_inverse_kernel(dipole_kernel(big, voxel_size_mm, b0_dir, real=True), threshold)
+    kernel = dipole_kernel(big, voxel_size_mm, b0_dir, real=True)
+    inv = tkd_inverse_kernel(kernel, threshold)
     if correct:
         # Centre of the PSF = mean of D * D_inv over the full spectrum. The half spectrum
         # counts every column but the first (and, for even n, the last) twice.
-        prod = dipole_kernel(big, voxel_size_mm, b0_dir, real=True) * inv
+        prod = kernel * inv
         n_last = big[2]
         weights = np.full(prod.shape[2], 2.0)
         weights[0] = 1.0
@@ -100,6 +101,8 @@ def tkd(
             weights[-1] = 1.0
         centre = float((prod.sum(axis=(0, 1), dtype=np.float64) * weights).sum()) / np.prod(big)
         inv /= np.float32(centre)
+        del prod
+    del kernel
     spec = scipy.fft.rfftn(pad_centered(np.where(roi, field, 0), big), workers=n_threads)
     spec *= inv
     chi = crop_centered(scipy.fft.irfftn(spec, s=big, workers=n_threads), field.shape)
