@@ -169,8 +169,13 @@ def _bids_errors(root: Path) -> int | None:
     import json
 
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    exe = next(filter(None, (shutil.which(name, path=path)
-                             for name in ("bids-validator-deno", "bids-validator"))), None)
+    exe = next(
+        filter(
+            None,
+            (shutil.which(name, path=path) for name in ("bids-validator-deno", "bids-validator")),
+        ),
+        None,
+    )
     if exe is None:
         return None
     proc = subprocess.run([exe, str(root), "--json"], capture_output=True, text=True, timeout=600)
@@ -222,10 +227,17 @@ def _rows() -> tuple[Benchmark, ...]:
     return (
         Benchmark("forward-2mm", "forward model", MATRIX_2MM, ISO_2MM, **forward, quick=True),
         Benchmark("forward-1mm", "forward model", MATRIX_1MM, ISO_1MM, **forward),
-        Benchmark("simulate-2mm", "simulator (1 subject, 4 echoes)", MATRIX_2MM, ISO_2MM,
-                  **simulate, quick=True),
-        Benchmark("simulate-1mm", "simulator (1 subject, 4 echoes)", MATRIX_1MM, ISO_1MM,
-                  **simulate),
+        Benchmark(
+            "simulate-2mm",
+            "simulator (1 subject, 4 echoes)",
+            MATRIX_2MM,
+            ISO_2MM,
+            **simulate,
+            quick=True,
+        ),
+        Benchmark(
+            "simulate-1mm", "simulator (1 subject, 4 echoes)", MATRIX_1MM, ISO_1MM, **simulate
+        ),
     )
 
 
@@ -350,9 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="threads per step (default 2)")
     parser.add_argument("--quick", action="store_true", help="only the 2 mm rows")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="rows to run: a name, a step prefix (forward) or a glob; repeatable "
-                             "or comma-separated (see --list)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="rows to run: a name, a step prefix (forward) or a glob; repeatable "
+        "or comma-separated (see --list)",
+    )
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument("--scratch", type=Path, help="folder for temporary files (default: TMPDIR)")
     args = parser.parse_args(argv)
@@ -369,8 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from qsmflow import __version__
 
-    print(f"qsmflow {__version__}, Python {platform.python_version()}, {platform.system()} "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, --threads {args.threads}")
+    print(
+        f"qsmflow {__version__}, Python {platform.python_version()}, {platform.system()} "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, --threads {args.threads}"
+    )
     print(_line(COLUMNS))
     print(_line(["-" * w for w in _WIDTHS] + ["-" * len(COLUMNS[-1])]))
     failed = False

@@ -178,13 +178,13 @@ def make_head_model(seed: int = 0, *, resolution_mm: float = 1.5) -> HeadModel:
     sulcal = ndimage.gaussian_filter(white, 3.2 / resolution_mm)
     grad = np.sqrt(sum(g * g for g in np.gradient(sulcal, resolution_mm)))
     sulcal /= np.median(grad[np.abs(sulcal) < 0.5 * sulcal.std()])  # ~ mm near the zero set
-    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 2.0 / resolution_mm)
+    texture = ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), 2.0 / resolution_mm
+    )
     texture /= texture.std()
 
     sss_t = np.deg2rad(np.linspace(20, 195, 24))
-    sss = np.stack(
-        [np.zeros_like(sss_t), -3 + 86 * np.cos(sss_t), 10 + 56 * np.sin(sss_t)], axis=1
-    )
+    sss = np.stack([np.zeros_like(sss_t), -3 + 86 * np.cos(sss_t), 10 + 56 * np.sin(sss_t)], axis=1)
     veins: list[tuple[np.ndarray, float]] = [(sss, 3.5)]
     for side in (-1, 1):
         transverse = np.array(
@@ -207,7 +207,10 @@ def make_head_model(seed: int = 0, *, resolution_mm: float = 1.5) -> HeadModel:
 
 
 def _sample(grid: np.ndarray, model: HeadModel, p) -> np.ndarray:
-    idx = [(p[i] - np.float32(model.noise_origin_mm[i])) / np.float32(model.noise_spacing_mm) for i in range(3)]
+    idx = [
+        (p[i] - np.float32(model.noise_origin_mm[i])) / np.float32(model.noise_spacing_mm)
+        for i in range(3)
+    ]
     return ndimage.map_coordinates(grid, idx, order=1, mode="nearest").astype(np.float32)
 
 
@@ -301,7 +304,9 @@ def label_points(
         (CSF, (0, -38, -30), (6, 4, 4)),  # fourth ventricle
     ]:
         lab[_in_ellipsoid(q, c, a)] = label
-    lab[np.sqrt(sum((q[i] - model.calcification_mm[i]) ** 2 for i in range(3))) < 2.5] = CALCIFICATION
+    lab[np.sqrt(sum((q[i] - model.calcification_mm[i]) ** 2 for i in range(3))) < 2.5] = (
+        CALCIFICATION
+    )
     labels[inside] = lab
 
     # Veins may cross the brain surface (sinuses lie in the dura, cortical veins in sulci).
@@ -311,8 +316,12 @@ def label_points(
     for pts, radius in model.veins:
         lo, hi = pts.min(axis=0) - radius, pts.max(axis=0) + radius
         box = np.flatnonzero(
-            (qn[0] > lo[0]) & (qn[0] < hi[0]) & (qn[1] > lo[1]) & (qn[1] < hi[1])
-            & (qn[2] > lo[2]) & (qn[2] < hi[2])
+            (qn[0] > lo[0])
+            & (qn[0] < hi[0])
+            & (qn[1] > lo[1])
+            & (qn[1] < hi[1])
+            & (qn[2] > lo[2])
+            & (qn[2] < hi[2])
         )
         if box.size:
             d = _dist_to_polyline(tuple(v[box] for v in qn), pts)

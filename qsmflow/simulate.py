@@ -108,7 +108,9 @@ class AcquisitionParams:
             raise ValueError(f"voxel_size_mm must be 3 positive sizes, got {self.voxel_size_mm}")
         tes = np.asarray(self.echo_times_s)
         if tes.size < 1 or np.any(tes <= 0) or np.any(np.diff(tes) <= 0):
-            raise ValueError(f"echo_times_s must be positive and increasing, got {self.echo_times_s}")
+            raise ValueError(
+                f"echo_times_s must be positive and increasing, got {self.echo_times_s}"
+            )
         if self.b0_tesla <= 0:
             raise ValueError(f"b0_tesla must be positive, got {self.b0_tesla}")
         if not self.snr > 0:
@@ -149,7 +151,9 @@ class SimulatedAcquisition:
         return (self.magnitude * np.exp(1j * self.phase)).astype(np.complex64)
 
 
-def rotation_matrix(pitch_deg: float = 0.0, roll_deg: float = 0.0, yaw_deg: float = 0.0) -> np.ndarray:
+def rotation_matrix(
+    pitch_deg: float = 0.0, roll_deg: float = 0.0, yaw_deg: float = 0.0
+) -> np.ndarray:
     """Rotation about x (pitch), then y (roll), then z (yaw); angles in degrees."""
     a, b, c = np.deg2rad([pitch_deg, roll_deg, yaw_deg])
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
@@ -195,8 +199,17 @@ def _solid_harmonics(x: np.ndarray, y: np.ndarray, z: np.ndarray, order: int) ->
 def _eval_harmonics(world, coef: np.ndarray, order: int) -> np.ndarray:
     """Evaluate ``sum_i coef[i] * harmonic_i`` on a grid without stacking the basis."""
     x, y, z = (w / np.float32(100) for w in world)
-    terms = [lambda: 1.0, lambda: x, lambda: y, lambda: z, lambda: x * y, lambda: x * z,
-             lambda: y * z, lambda: x * x - y * y, lambda: 2 * z * z - x * x - y * y]
+    terms = [
+        lambda: 1.0,
+        lambda: x,
+        lambda: y,
+        lambda: z,
+        lambda: x * y,
+        lambda: x * z,
+        lambda: y * z,
+        lambda: x * x - y * y,
+        lambda: 2 * z * z - x * x - y * y,
+    ]
     out = np.zeros(x.shape, dtype=np.float32)
     for c, term in zip(coef.astype(np.float32), terms[: len(coef)], strict=False):
         out += c * term()
@@ -219,7 +232,9 @@ def _coil_sensitivities(world, n_coils: int, rng: np.random.Generator) -> np.nda
         pos = (120 * np.cos(ang), 135 * np.sin(ang), 25.0 - 50.0 * ring if n_rings == 2 else 5.0)
         d = np.sqrt(sum((world[i] - np.float32(pos[i])) ** 2 for i in range(3)))
         mag = (1 + (d / np.float32(90.0)) ** 2) ** -1.5
-        ph = np.float32(rng.uniform(-np.pi, np.pi)) + d * np.float32(rng.uniform(0.8, 1.6) * np.pi / 150)
+        ph = np.float32(rng.uniform(-np.pi, np.pi)) + d * np.float32(
+            rng.uniform(0.8, 1.6) * np.pi / 150
+        )
         out[..., c] = mag * np.exp(1j * ph)
     return out
 
@@ -230,8 +245,12 @@ def _phase_offset(world, rng: np.random.Generator) -> np.ndarray:
     coef = rng.uniform(-0.6, 0.6, size=6).astype(np.float32)
     return (
         np.float32(rng.uniform(-np.pi, np.pi))
-        + coef[0] * x + coef[1] * y + coef[2] * z
-        + coef[3] * x * x + coef[4] * y * y + coef[5] * z * z
+        + coef[0] * x
+        + coef[1] * y
+        + coef[2] * z
+        + coef[3] * x * x
+        + coef[4] * y * y
+        + coef[5] * z * z
     ).astype(np.float32)
 
 
@@ -288,7 +307,9 @@ def simulate_acquisition(
     del head
 
     # Total field: susceptibility relative to the surrounding air (zero outside the grid).
-    total_ext = forward_field(chi_ext - np.float32(CHI_AIR_PPM), vox, b0_dir, pad_factor=1.25, n_threads=n_threads)
+    total_ext = forward_field(
+        chi_ext - np.float32(CHI_AIR_PPM), vox, b0_dir, pad_factor=1.25, n_threads=n_threads
+    )
     total = np.ascontiguousarray(total_ext[crop])
     del total_ext
     seg = np.ascontiguousarray(labels[crop])
@@ -309,8 +330,12 @@ def simulate_acquisition(
 
     if params.shim_order >= 0:
         idx = np.flatnonzero(mask.ravel())[:: max(1, int(mask.sum()) // 200_000)]
-        basis = _solid_harmonics(*(w.ravel()[idx] / np.float32(100) for w in w_fov), params.shim_order)
-        coef, *_ = np.linalg.lstsq(basis.astype(np.float64), total.ravel()[idx].astype(np.float64), rcond=None)
+        basis = _solid_harmonics(
+            *(w.ravel()[idx] / np.float32(100) for w in w_fov), params.shim_order
+        )
+        coef, *_ = np.linalg.lstsq(
+            basis.astype(np.float64), total.ravel()[idx].astype(np.float64), rcond=None
+        )
         total -= _eval_harmonics(w_fov, coef, params.shim_order)
 
     hz_per_ppm = np.float32(GAMMA_BAR_MHZ_PER_T * params.b0_tesla)
@@ -455,8 +480,11 @@ def simulate_dataset(
     Returns the dataset path.
     """
     params = AcquisitionParams() if params is None else params
-    for name, val, lo in (("n_subjects", n_subjects, 1), ("n_sessions", n_sessions, 1),
-                          ("n_orientations", n_orientations, 1)):
+    for name, val, lo in (
+        ("n_subjects", n_subjects, 1),
+        ("n_sessions", n_sessions, 1),
+        ("n_orientations", n_orientations, 1),
+    ):
         if int(val) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {val}")
     if n_orientations > len(ORIENTATIONS_DEG):
@@ -471,7 +499,9 @@ def simulate_dataset(
     except OSError as exc:
         raise PermissionError(f"{out_dir}: cannot write here ({exc.strerror})") from exc
     try:
-        _write_dataset(staging, params, n_subjects, n_sessions, n_orientations, seed, n_threads, progress)
+        _write_dataset(
+            staging, params, n_subjects, n_sessions, n_orientations, seed, n_threads, progress
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -489,13 +519,24 @@ def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n
         f"coils {params.n_coils}, oblique {params.oblique_deg} deg, seed {seed}"
     )
     generated = {"Name": "qsmflow-simulate", "Version": __version__}
-    write_dataset_description(root, "qsmflow simulated head phantom", generated_by=generated,
-                              extra={"License": "CC0", "HowToAcknowledge": "Cite qsmflow.",
-                                     "Authors": ["qsmflow developers", "qsmflow-simulate"]})
-    (root / "README.md").write_text(_README.format(version=__version__, gt=_GROUND_TRUTH, settings=settings))
+    write_dataset_description(
+        root,
+        "qsmflow simulated head phantom",
+        generated_by=generated,
+        extra={
+            "License": "CC0",
+            "HowToAcknowledge": "Cite qsmflow.",
+            "Authors": ["qsmflow developers", "qsmflow-simulate"],
+        },
+    )
+    (root / "README.md").write_text(
+        _README.format(version=__version__, gt=_GROUND_TRUTH, settings=settings)
+    )
     gt_root = root / "derivatives" / _GROUND_TRUTH
     write_dataset_description(
-        gt_root, "qsmflow-simulate ground truth", dataset_type="derivative",
+        gt_root,
+        "qsmflow-simulate ground truth",
+        dataset_type="derivative",
         generated_by={**generated, "Description": settings},
         source_datasets=[{"URL": "../../"}],
         extra={"Authors": ["qsmflow developers", "qsmflow-simulate"]},
@@ -505,13 +546,21 @@ def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n
         "masks, segmentations and R2* (Hz) of the simulated acquisitions in the parent dataset.\n"
     )
     write_json({"Description": _DSEG_DESCRIPTION}, gt_root / "desc-phantom_dseg.json")
-    write_tsv([{"index": k, "name": v.replace(" ", "")} for k, v in LABELS.items()],
-              gt_root / "desc-phantom_dseg.tsv", ["index", "name"])
+    write_tsv(
+        [{"index": k, "name": v.replace(" ", "")} for k, v in LABELS.items()],
+        gt_root / "desc-phantom_dseg.tsv",
+        ["index", "name"],
+    )
     subjects = [f"{s + 1:02d}" for s in range(n_subjects)]
-    write_tsv([{"participant_id": f"sub-{s}"} for s in subjects], root / "participants.tsv",
-              ["participant_id"])
-    write_json({"participant_id": {"Description": "Simulated subject (one random head phantom)"}},
-               root / "participants.json")
+    write_tsv(
+        [{"participant_id": f"sub-{s}"} for s in subjects],
+        root / "participants.tsv",
+        ["participant_id"],
+    )
+    write_json(
+        {"participant_id": {"Description": "Simulated subject (one random head phantom)"}},
+        root / "participants.json",
+    )
 
     total = n_subjects * n_sessions * n_orientations
     done = 0
@@ -528,8 +577,14 @@ def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n
                 pitch, roll = ORIENTATIONS_DEG[o_idx]
                 rot = rotation_matrix(pitch + jitter[0], roll + jitter[1], jitter[2])
                 rng = np.random.default_rng([seed, s_idx, ses_idx, o_idx])
-                sim = simulate_acquisition(model, params, head_rotation=rot, head_shift_mm=shift,
-                                           rng=rng, n_threads=n_threads)
+                sim = simulate_acquisition(
+                    model,
+                    params,
+                    head_rotation=rot,
+                    head_shift_mm=shift,
+                    rng=rng,
+                    n_threads=n_threads,
+                )
                 ent = {"sub": sub, "ses": ses, "acq": acq}
                 _write_acquisition(root, gt_root, ent, sim, pitch, roll)
                 done += 1
@@ -537,15 +592,19 @@ def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n
                     progress(done, total, ent)
 
 
-def _write_acquisition(root: Path, gt_root: Path, ent: dict, sim: SimulatedAcquisition,
-                       pitch: float, roll: float) -> None:
+def _write_acquisition(
+    root: Path, gt_root: Path, ent: dict, sim: SimulatedAcquisition, pitch: float, roll: float
+) -> None:
     p = sim.params
     coil = p.n_coils > 0
     for e in range(len(p.echo_times_s)):
         for part, data in (("mag", sim.magnitude), ("phase", sim.phase)):
             rel = bids_path({**ent, "echo": e + 1, "part": part}, "MEGRE")
             save_nifti(data[..., e, :] if coil else data[..., e], sim.affine, root / rel)
-            write_json(_raw_sidecar(p, e, part, coil), root / rel.with_name(rel.name.replace(".nii.gz", ".json")))
+            write_json(
+                _raw_sidecar(p, e, part, coil),
+                root / rel.with_name(rel.name.replace(".nii.gz", ".json")),
+            )
 
     hz_per_ppm = GAMMA_BAR_MHZ_PER_T * p.b0_tesla
     source = bids_path({**ent, "echo": 1, "part": "mag"}, "MEGRE").as_posix()
@@ -559,11 +618,24 @@ def _write_acquisition(root: Path, gt_root: Path, ent: dict, sim: SimulatedAcqui
     }
     first_mag = np.sqrt((sim.magnitude[..., 0, :] ** 2).sum(-1)) if coil else sim.magnitude[..., 0]
     outputs = [
-        (sim.chi_ppm, "Chimap", {}, "anat",
-         {"Units": "ppm", "Description": "True magnetic susceptibility relative to water (CSF = 0 ppm)"}),
-        (sim.mask, "mask", {"desc": "brain"}, "anat", {"Type": "Brain", "Description": "True brain mask"}),
-        (sim.segmentation, "dseg", {"desc": "phantom"}, "anat",
-         {"Description": _DSEG_DESCRIPTION}),
+        (
+            sim.chi_ppm,
+            "Chimap",
+            {},
+            "anat",
+            {
+                "Units": "ppm",
+                "Description": "True magnetic susceptibility relative to water (CSF = 0 ppm)",
+            },
+        ),
+        (
+            sim.mask,
+            "mask",
+            {"desc": "brain"},
+            "anat",
+            {"Type": "Brain", "Description": "True brain mask"},
+        ),
+        (sim.segmentation, "dseg", {"desc": "phantom"}, "anat", {"Description": _DSEG_DESCRIPTION}),
         (sim.r2star_hz, "R2starmap", {}, "anat", {"Units": "Hz", "Description": "True R2*"}),
     ]
     for desc, field_ppm, text in (
@@ -571,12 +643,24 @@ def _write_acquisition(root: Path, gt_root: Path, ent: dict, sim: SimulatedAcqui
         ("local", sim.local_field_ppm, "True local field of the brain's own sources"),
     ):
         outputs += [
-            (field_ppm * np.float32(hz_per_ppm), "fieldmap", {"desc": desc}, "fmap",
-             {"Units": "Hz", "Description": text + f"; ppm = Hz / {hz_per_ppm:.4f}"}),
-            (first_mag, "magnitude", {"desc": desc}, "fmap",
-             {"Description": "First-echo magnitude (arbitrary units) for the field map"}),
+            (
+                field_ppm * np.float32(hz_per_ppm),
+                "fieldmap",
+                {"desc": desc},
+                "fmap",
+                {"Units": "Hz", "Description": text + f"; ppm = Hz / {hz_per_ppm:.4f}"},
+            ),
+            (
+                first_mag,
+                "magnitude",
+                {"desc": desc},
+                "fmap",
+                {"Description": "First-echo magnitude (arbitrary units) for the field map"},
+            ),
         ]
     for data, suffix, extra_ent, datatype, side in outputs:
         rel = bids_path({**ent, **extra_ent}, suffix, datatype=datatype)
         save_nifti(data, sim.affine, gt_root / rel)
-        write_json({**side, **common}, gt_root / rel.with_name(rel.name.replace(".nii.gz", ".json")))
+        write_json(
+            {**side, **common}, gt_root / rel.with_name(rel.name.replace(".nii.gz", ".json"))
+        )

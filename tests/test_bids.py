@@ -6,8 +6,13 @@ from qsmflow.io.bids import bids_path
 
 
 def test_entity_order_follows_bids():
-    p = bids_path({"part": "phase", "echo": 3, "acq": "ori2", "run": 1, "ses": "pre", "sub": "01"}, "MEGRE")
-    assert p.as_posix() == "sub-01/ses-pre/anat/sub-01_ses-pre_acq-ori2_run-1_echo-3_part-phase_MEGRE.nii.gz"
+    p = bids_path(
+        {"part": "phase", "echo": 3, "acq": "ori2", "run": 1, "ses": "pre", "sub": "01"}, "MEGRE"
+    )
+    assert (
+        p.as_posix()
+        == "sub-01/ses-pre/anat/sub-01_ses-pre_acq-ori2_run-1_echo-3_part-phase_MEGRE.nii.gz"
+    )
 
 
 def test_pybids_parses_what_we_build():
@@ -34,6 +39,6 @@ def test_invalid_entities_rejected(entities, message):
 
 
 def test_none_values_are_left_out():
-    assert bids_path({"sub": "01", "ses": None, "desc": "brain"}, "mask", datatype=None).as_posix() == (
-        "sub-01/sub-01_desc-brain_mask.nii.gz"
-    )
+    assert bids_path(
+        {"sub": "01", "ses": None, "desc": "brain"}, "mask", datatype=None
+    ).as_posix() == ("sub-01/sub-01_desc-brain_mask.nii.gz")

@@ -16,7 +16,7 @@ def sphere_world(shape, affine, centre_mm, radius_mm, supersample=3):
         for oy in offs:
             for oz in offs:
                 world = (idx + [ox, oy, oz]) @ affine[:3, :3].T + affine[:3, 3]
-                frac += (np.linalg.norm(world - centre_mm, axis=-1) <= radius_mm)
+                frac += np.linalg.norm(world - centre_mm, axis=-1) <= radius_mm
     return frac / supersample**3
 
 
@@ -50,7 +50,11 @@ def test_kernel_properties():
 
 @pytest.mark.parametrize(
     "voxel, b0",
-    [((1.0, 1.0, 1.0), (0, 0, 1)), ((0.75, 1.0, 1.5), (0, 0, 1)), ((1.0, 0.8, 1.2), (0.3, -0.4, 0.87))],
+    [
+        ((1.0, 1.0, 1.0), (0, 0, 1)),
+        ((0.75, 1.0, 1.5), (0, 0, 1)),
+        ((1.0, 0.8, 1.2), (0.3, -0.4, 0.87)),
+    ],
 )
 def test_sphere_matches_analytic_field(voxel, b0):
     shape = (64, 64, 64)
@@ -59,7 +63,9 @@ def test_sphere_matches_analytic_field(voxel, b0):
     radius, chi = 8.0, 1.0
     frac = sphere_world(shape, aff, centre, radius)
     field = forward_field(frac * chi, voxel, b0, n_threads=2)
-    truth = analytic_sphere_field(grid_world(shape, aff), centre, radius, chi, np.array(b0) / np.linalg.norm(b0))
+    truth = analytic_sphere_field(
+        grid_world(shape, aff), centre, radius, chi, np.array(b0) / np.linalg.norm(b0)
+    )
     dist = np.linalg.norm(grid_world(shape, aff) - centre, axis=-1)
     far = (dist > 1.6 * radius) & (dist < 3 * radius)
     rel = np.linalg.norm(field[far] - truth[far]) / np.linalg.norm(truth[far])
@@ -111,11 +117,13 @@ def test_padding_prevents_wraparound():
 def test_pad_crop_roundtrip():
     a = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
     big = padded_shape(a.shape, pad_factor=2)
-    assert all(b >= 2 * n for b, n in zip(big, a.shape))
+    assert all(b >= 2 * n for b, n in zip(big, a.shape, strict=True))
     np.testing.assert_array_equal(crop_centered(pad_centered(a, big), a.shape), a)
 
 
-@pytest.mark.parametrize("voxel, b0", [((2.0, 2.0, 2.0), (0, 0, 1)), ((2.0, 2.0, 3.0), (0.2, -0.3, 0.93))])
+@pytest.mark.parametrize(
+    "voxel, b0", [((2.0, 2.0, 2.0), (0, 0, 1)), ((2.0, 2.0, 3.0), (0.2, -0.3, 0.93))]
+)
 def test_agrees_with_qsm_forward(voxel, b0):
     """Same chi, voxel size and B0 direction as qsm-forward's field computation (< 1 %).
 
@@ -130,7 +138,9 @@ def test_agrees_with_qsm_forward(voxel, b0):
 
     # matrices whose doubled sizes are fast FFT lengths, so both codes pad to exactly 2n
     matrix = (90, 100, 80) if voxel[2] == 2.0 else (90, 100, 54)
-    sim = simulate_acquisition(make_head_model(3), AcquisitionParams(matrix=matrix, voxel_size_mm=voxel))
+    sim = simulate_acquisition(
+        make_head_model(3), AcquisitionParams(matrix=matrix, voxel_size_mm=voxel)
+    )
     chi = sim.chi_ppm - sim.chi_ppm[-1, -1, -1]
     bn = np.array(b0) / np.linalg.norm(b0)
     ours = forward_field(chi, voxel, bn, n_threads=2).astype(np.float64)

@@ -25,7 +25,9 @@ def test_oblique_about_x():
     aff = np.eye(4)
     aff[:3, :3] = rot @ np.diag([1.0, 1.2, 2.5])
     # voxel axis j points along (0, cos, sin), k along (0, -sin, cos): B0 = sin*j + cos*k
-    np.testing.assert_allclose(b0_direction_from_affine(aff), [0, np.sin(theta), np.cos(theta)], atol=1e-12)
+    np.testing.assert_allclose(
+        b0_direction_from_affine(aff), [0, np.sin(theta), np.cos(theta)], atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -49,7 +51,9 @@ def test_header_roundtrip_keeps_b0(tmp_path):
     aff[:3, :3] = rotation_matrix(12, -7, 30) @ np.diag([1.0, 1.0, 1.5])
     path = save_nifti(np.zeros((4, 5, 6), np.float32), aff, tmp_path / "x.nii.gz")
     data, img = load_nifti(path)
-    np.testing.assert_allclose(b0_direction_from_affine(img.affine), b0_direction_from_affine(aff), atol=1e-6)
+    np.testing.assert_allclose(
+        b0_direction_from_affine(img.affine), b0_direction_from_affine(aff), atol=1e-6
+    )
     assert img.get_qform(coded=True)[1] == 1 and img.get_sform(coded=True)[1] == 1
     assert not list(tmp_path.glob(".tmp-*"))  # the temporary file was renamed away
 

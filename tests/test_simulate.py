@@ -15,8 +15,9 @@ from qsmflow.io.nifti import b0_direction_from_affine
 from qsmflow.phantom import LABELS, make_head_model
 from qsmflow.simulate import AcquisitionParams, rotation_matrix, simulate_acquisition
 
-SMALL = AcquisitionParams(matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0),
-                          echo_times_s=(0.004, 0.012, 0.020))
+SMALL = AcquisitionParams(
+    matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0), echo_times_s=(0.004, 0.012, 0.020)
+)
 GT = "derivatives/qsmflow-simulate"
 
 
@@ -27,16 +28,37 @@ def model():
 
 @pytest.fixture(scope="module")
 def noise_free(model):
-    params = AcquisitionParams(matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0),
-                               echo_times_s=(0.004, 0.012, 0.020), snr=np.inf)
+    params = AcquisitionParams(
+        matrix=(59, 69, 53),
+        voxel_size_mm=(3.0, 3.0, 3.0),
+        echo_times_s=(0.004, 0.012, 0.020),
+        snr=np.inf,
+    )
     return simulate_acquisition(model, params, rng=np.random.default_rng(1))
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "bids"
-    rc = simulate_main([str(out), "--subjects", "2", "--sessions", "2", "--orientations", "2",
-                        "--echoes", "3", "--voxel-size", "3", "--oblique", "15", "--seed", "4"])
+    rc = simulate_main(
+        [
+            str(out),
+            "--subjects",
+            "2",
+            "--sessions",
+            "2",
+            "--orientations",
+            "2",
+            "--echoes",
+            "3",
+            "--voxel-size",
+            "3",
+            "--oblique",
+            "15",
+            "--seed",
+            "4",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -49,8 +71,14 @@ def test_pybids_entities_and_metadata(dataset):
     assert layout.get_acquisitions() == ["ori1", "ori2"]
     files = layout.get(scope="raw", suffix="MEGRE", extension=".nii.gz")
     assert len(files) == 2 * 2 * 2 * 3 * 2
-    for f in layout.get(scope="raw", subject="02", session="02", acquisition="ori2", suffix="MEGRE",
-                        extension=".nii.gz"):
+    for f in layout.get(
+        scope="raw",
+        subject="02",
+        session="02",
+        acquisition="ori2",
+        suffix="MEGRE",
+        extension=".nii.gz",
+    ):
         meta = f.get_metadata()
         ents = f.get_entities()
         assert meta["MagneticFieldStrength"] == 3.0
@@ -65,7 +93,9 @@ def test_pybids_entities_and_metadata(dataset):
 def test_b0_direction_recoverable_from_header(dataset):
     phase = dataset / "sub-01/ses-01/anat/sub-01_ses-01_acq-ori2_echo-1_part-phase_MEGRE.nii.gz"
     b0 = b0_direction_from_affine(nib.load(phase).affine)
-    side = json.loads((dataset / GT / "sub-01/ses-01/anat/sub-01_ses-01_acq-ori2_Chimap.json").read_text())
+    side = json.loads(
+        (dataset / GT / "sub-01/ses-01/anat/sub-01_ses-01_acq-ori2_Chimap.json").read_text()
+    )
     np.testing.assert_allclose(b0, side["B0DirectionVoxel"], atol=1e-6)
     t = np.deg2rad(15)  # the slab is tilted 15 degrees about x
     np.testing.assert_allclose(b0, [0, np.sin(t), np.cos(t)], atol=1e-6)
@@ -75,7 +105,9 @@ def test_orientations_rotate_the_anatomy(dataset):
     """Deep grey nuclei move with the head: world centroid of orientation 2 = R @ that of 1."""
     cents = {}
     for ori in ("ori1", "ori2"):
-        img = nib.load(dataset / GT / f"sub-01/ses-01/anat/sub-01_ses-01_acq-{ori}_desc-phantom_dseg.nii.gz")
+        img = nib.load(
+            dataset / GT / f"sub-01/ses-01/anat/sub-01_ses-01_acq-{ori}_desc-phantom_dseg.nii.gz"
+        )
         seg = np.asarray(img.dataobj)
         for lab in (2, 3, 7):  # pallidus, putamen, thalamus (both sides)
             vox = np.argwhere(seg == lab).mean(axis=0)
@@ -119,8 +151,14 @@ def test_phase_agrees_with_qsm_forward_signal(noise_free):
     qf = pytest.importorskip("qsm_forward.qsm_forward")
     sim = noise_free
     te = sim.params.echo_times_s[2]
-    sig = qf.generate_signal(sim.total_field_ppm.astype(np.float64), B0=sim.params.b0_tesla, TE=te,
-                             phase_offset=sim.phase_offset_rad.astype(np.float64), R2star=0, M0=1)
+    sig = qf.generate_signal(
+        sim.total_field_ppm.astype(np.float64),
+        B0=sim.params.b0_tesla,
+        TE=te,
+        phase_offset=sim.phase_offset_rad.astype(np.float64),
+        R2star=0,
+        M0=1,
+    )
     ok = sim.mask
     diff = np.angle(np.exp(1j * (sim.phase[..., 2] - np.angle(sig))))
     # qsm-forward uses gamma_bar = 42.58 MHz/T; we use CODATA 42.577 -> tiny phase difference
@@ -152,8 +190,9 @@ def test_background_field_is_harmonic_inside_brain(noise_free):
 
 
 def test_noise_level_matches_snr(model):
-    params = AcquisitionParams(matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0),
-                               echo_times_s=(0.004,), snr=50.0)
+    params = AcquisitionParams(
+        matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0), echo_times_s=(0.004,), snr=50.0
+    )
     a = simulate_acquisition(model, params, rng=np.random.default_rng(5))
     b = simulate_acquisition(model, params, rng=np.random.default_rng(6))
     # phase offsets differ between rng draws: compare magnitudes (Rician ~ Gaussian at SNR 50)
@@ -172,8 +211,13 @@ def test_deterministic_for_a_seed(model):
 
 
 def test_uncombined_coils(model):
-    params = AcquisitionParams(matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0),
-                               echo_times_s=(0.004, 0.010), snr=np.inf, n_coils=6)
+    params = AcquisitionParams(
+        matrix=(59, 69, 53),
+        voxel_size_mm=(3.0, 3.0, 3.0),
+        echo_times_s=(0.004, 0.010),
+        snr=np.inf,
+        n_coils=6,
+    )
     sim = simulate_acquisition(model, params, rng=np.random.default_rng(2))
     assert sim.magnitude.shape == (59, 69, 53, 2, 6)
     assert sim.phase_offset_rad.shape == (59, 69, 53, 6)
@@ -191,9 +235,13 @@ def test_uncombined_coils(model):
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):
-    for argv, opt in ((["--echoes", "0"], "--echoes"), (["--b0", "-3"], "--b0"),
-                      (["--voxel-size", "1", "2"], "--voxel-size"), (["--coils", "-1"], "--coils"),
-                      (["--orientations", "99"], "--orientations")):
+    for argv, opt in (
+        (["--echoes", "0"], "--echoes"),
+        (["--b0", "-3"], "--b0"),
+        (["--voxel-size", "1", "2"], "--voxel-size"),
+        (["--coils", "-1"], "--coils"),
+        (["--orientations", "99"], "--orientations"),
+    ):
         with pytest.raises(SystemExit) as exc:
             simulate_main([str(tmp_path / "x"), *argv])
         assert exc.value.code == 2
@@ -252,14 +300,17 @@ def _validate(path):
     exe = shutil.which("bids-validator-deno")
     if exe is None:
         pytest.skip("bids-validator-deno is not installed (pip install qsmflow[test])")
-    proc = subprocess.run([exe, str(path), "-r", "--format", "json"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [exe, str(path), "-r", "--format", "json"], capture_output=True, text=True, timeout=300
+    )
     report = json.loads(proc.stdout)
     issues = list(report["issues"]["issues"])
     for sub in report.get("derivativesSummary", {}).values():
         issues += sub["issues"]["issues"]
     errors = [i for i in issues if i["severity"] == "error"]
-    warnings = sorted({f"{i['code']}:{i.get('subCode')}" for i in issues if i["severity"] == "warning"})
+    warnings = sorted(
+        {f"{i['code']}:{i.get('subCode')}" for i in issues if i["severity"] == "warning"}
+    )
     print("BIDS validator warnings:", warnings)
     return errors, warnings
 

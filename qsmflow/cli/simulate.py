@@ -19,37 +19,85 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT_DIR/derivatives/qsmflow-simulate.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="dataset folder to create")
-    p.add_argument("--subjects", type=positive_int, default=1, help="number of subjects (default 1)")
-    p.add_argument("--sessions", type=positive_int, default=1, help="sessions per subject (default 1)")
-    p.add_argument("--orientations", type=positive_int, default=1,
-                   help=f"head orientations per session, 1-{len(ORIENTATIONS_DEG)} (default 1)")
+    p.add_argument(
+        "--subjects", type=positive_int, default=1, help="number of subjects (default 1)"
+    )
+    p.add_argument(
+        "--sessions", type=positive_int, default=1, help="sessions per subject (default 1)"
+    )
+    p.add_argument(
+        "--orientations",
+        type=positive_int,
+        default=1,
+        help=f"head orientations per session, 1-{len(ORIENTATIONS_DEG)} (default 1)",
+    )
     p.add_argument("--echoes", type=positive_int, default=4, help="number of echoes (default 4)")
-    p.add_argument("--te1", type=positive_float, default=5.0, help="first echo time in ms (default 5)")
-    p.add_argument("--delta-te", type=positive_float, default=5.0, help="echo spacing in ms (default 5)")
-    p.add_argument("--echo-times", type=positive_float, nargs="+", metavar="MS",
-                   help="explicit echo times in ms (overrides --echoes/--te1/--delta-te)")
-    p.add_argument("--b0", type=positive_float, default=3.0, help="field strength in Tesla (default 3)")
-    p.add_argument("--voxel-size", type=positive_float, nargs="+", default=[1.0], metavar="MM",
-                   help="voxel size in mm: one value (isotropic) or three (default 1)")
-    p.add_argument("--matrix", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
-                   help="image matrix (default: 176 208 160 mm of field of view / voxel size)")
-    p.add_argument("--snr", type=positive_float, default=80.0,
-                   help="first-echo SNR in the brain (default 80); 'inf' for no noise")
-    p.add_argument("--coils", type=int, default=0,
-                   help="number of receive coils for uncombined output (default 0 = combined)")
-    p.add_argument("--oblique", type=float, default=0.0, metavar="DEG",
-                   help="slab tilt about the left-right axis in degrees (default 0)")
+    p.add_argument(
+        "--te1", type=positive_float, default=5.0, help="first echo time in ms (default 5)"
+    )
+    p.add_argument(
+        "--delta-te", type=positive_float, default=5.0, help="echo spacing in ms (default 5)"
+    )
+    p.add_argument(
+        "--echo-times",
+        type=positive_float,
+        nargs="+",
+        metavar="MS",
+        help="explicit echo times in ms (overrides --echoes/--te1/--delta-te)",
+    )
+    p.add_argument(
+        "--b0", type=positive_float, default=3.0, help="field strength in Tesla (default 3)"
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=positive_float,
+        nargs="+",
+        default=[1.0],
+        metavar="MM",
+        help="voxel size in mm: one value (isotropic) or three (default 1)",
+    )
+    p.add_argument(
+        "--matrix",
+        type=positive_int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="image matrix (default: 176 208 160 mm of field of view / voxel size)",
+    )
+    p.add_argument(
+        "--snr",
+        type=positive_float,
+        default=80.0,
+        help="first-echo SNR in the brain (default 80); 'inf' for no noise",
+    )
+    p.add_argument(
+        "--coils",
+        type=int,
+        default=0,
+        help="number of receive coils for uncombined output (default 0 = combined)",
+    )
+    p.add_argument(
+        "--oblique",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="slab tilt about the left-right axis in degrees (default 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--nprocs", type=positive_int, default=1, help="FFT threads (default 1)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT_DIR if it holds a dataset written by qsmflow-simulate")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it holds a dataset written by qsmflow-simulate",
+    )
     return p
 
 
-def params_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AcquisitionParams:
+def params_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> AcquisitionParams:
     if args.echo_times:
         tes = tuple(t / 1000 for t in args.echo_times)
-        if any(b <= a for a, b in zip(tes, tes[1:])):
+        if any(b <= a for a, b in zip(tes, tes[1:], strict=False)):
             parser.error("argument --echo-times: echo times must increase")
     else:
         tes = tuple((args.te1 + i * args.delta_te) / 1000 for i in range(args.echoes))
@@ -68,8 +116,15 @@ def params_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"argument --orientations: at most {len(ORIENTATIONS_DEG)}")
     if abs(args.oblique) > 45:
         parser.error("argument --oblique: must be between -45 and 45 degrees")
-    return AcquisitionParams(matrix=matrix, voxel_size_mm=vox, echo_times_s=tes, b0_tesla=args.b0,
-                             snr=args.snr, n_coils=args.coils, oblique_deg=args.oblique)
+    return AcquisitionParams(
+        matrix=matrix,
+        voxel_size_mm=vox,
+        echo_times_s=tes,
+        b0_tesla=args.b0,
+        snr=args.snr,
+        n_coils=args.coils,
+        oblique_deg=args.oblique,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,14 +134,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = simulate_dataset(
-            args.out_dir, params=params, n_subjects=args.subjects, n_sessions=args.sessions,
-            n_orientations=args.orientations, seed=args.seed, overwrite=args.overwrite,
-            n_threads=args.nprocs, progress=progress_printer("simulated"),
+            args.out_dir,
+            params=params,
+            n_subjects=args.subjects,
+            n_sessions=args.sessions,
+            n_orientations=args.orientations,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            n_threads=args.nprocs,
+            progress=progress_printer("simulated"),
         )
     except (FileExistsError, PermissionError, OSError, ValueError) as exc:
         return fail("qsmflow-simulate", exc)
-    print(f"qsmflow-simulate: wrote {out} in {time.perf_counter() - start:.1f} s "
-          f"(ground truth in {out / 'derivatives' / 'qsmflow-simulate'})")
+    print(
+        f"qsmflow-simulate: wrote {out} in {time.perf_counter() - start:.1f} s "
+        f"(ground truth in {out / 'derivatives' / 'qsmflow-simulate'})"
+    )
     return 0
 
 

@@ -19,9 +19,37 @@ BIDS_VERSION = "1.10.0"
 
 #: Entities in the order BIDS prescribes (schema ``rules.entities``), keyed by their short name.
 ENTITY_ORDER: tuple[str, ...] = (
-    "sub", "ses", "sample", "task", "tracksys", "acq", "nuc", "voi", "ce", "trc", "stain", "rec",
-    "dir", "run", "mod", "echo", "flip", "inv", "mt", "part", "proc", "hemi", "space", "split",
-    "recording", "chunk", "seg", "res", "den", "label", "desc",
+    "sub",
+    "ses",
+    "sample",
+    "task",
+    "tracksys",
+    "acq",
+    "nuc",
+    "voi",
+    "ce",
+    "trc",
+    "stain",
+    "rec",
+    "dir",
+    "run",
+    "mod",
+    "echo",
+    "flip",
+    "inv",
+    "mt",
+    "part",
+    "proc",
+    "hemi",
+    "space",
+    "split",
+    "recording",
+    "chunk",
+    "seg",
+    "res",
+    "den",
+    "label",
+    "desc",
 )
 _INDEX_ENTITIES = {"run", "echo", "flip", "inv", "split", "chunk"}
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
@@ -45,7 +73,9 @@ def bids_path(
     """
     unknown = set(entities) - set(ENTITY_ORDER)
     if unknown:
-        raise ValueError(f"unknown BIDS entities {sorted(unknown)}; known: {', '.join(ENTITY_ORDER)}")
+        raise ValueError(
+            f"unknown BIDS entities {sorted(unknown)}; known: {', '.join(ENTITY_ORDER)}"
+        )
     if "sub" not in entities or entities["sub"] is None:
         raise ValueError("BIDS paths need a 'sub' entity")
     parts = []
@@ -55,7 +85,9 @@ def bids_path(
             continue
         if key in _INDEX_ENTITIES:
             if isinstance(value, bool) or not str(value).isdigit():
-                raise ValueError(f"BIDS entity {key!r} must be a non-negative integer, got {value!r}")
+                raise ValueError(
+                    f"BIDS entity {key!r} must be a non-negative integer, got {value!r}"
+                )
             value = int(value)
         elif not _LABEL_RE.match(str(value)):
             raise ValueError(

@@ -55,7 +55,9 @@ def b0_direction_from_affine(
     return b / np.linalg.norm(b)
 
 
-def load_nifti(path: str | os.PathLike, *, dtype: Any = np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
+def load_nifti(
+    path: str | os.PathLike, *, dtype: Any = np.float32
+) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Load a NIfTI image as an array of ``dtype`` (scaling applied) plus the image (for header).
 
     Raises a ``ValueError`` naming the file when it cannot be read as NIfTI.
@@ -67,7 +69,9 @@ def load_nifti(path: str | os.PathLike, *, dtype: Any = np.float32) -> tuple[np.
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float64 if dtype is bool else None)
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{path}: cannot read as NIfTI ({exc}); expected a .nii or .nii.gz image") from exc
+        raise ValueError(
+            f"{path}: cannot read as NIfTI ({exc}); expected a .nii or .nii.gz image"
+        ) from exc
     if dtype is bool:
         return data > 0.5, img
     return np.asarray(data, dtype=dtype), img
