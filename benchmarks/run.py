@@ -103,6 +103,17 @@ def simulated_head(bench: Benchmark, fields: Sequence[str] = ("chi_ppm", "mask")
     return out
 
 
+def save_truth(workdir: Path, **arrays: Any) -> Path:
+    """Pickle ground-truth arrays for ``check`` to a file of their own; returns its path.
+
+    Put the path (not the arrays) in the inputs, so that the measured process, which loads the
+    inputs, does not hold references it never uses and its peak memory stays the call's own.
+    """
+    path = workdir / "truth.pkl"
+    _dump(arrays, path)
+    return path
+
+
 # ------------------------------------------------------------------------------ forward model
 def forward_setup(bench: Benchmark, workdir: Path) -> dict:
     inputs = simulated_head(bench, ("chi_ppm", "mask"))
@@ -220,10 +231,165 @@ def simulate_check(bench: Benchmark, inputs: dict, root: Any) -> str:
     return f"{bids}, SNR {snr:.1f} (asked {params.snr:g})"
 
 
+# ------------------------------------------------------------------------------ brain extraction
+def bet_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = simulated_head(bench, ("magnitude", "mask"))
+    return {
+        "magnitude_echo1": head["magnitude"][..., 0].copy(),
+        "voxel_mm": head["voxel_mm"],
+        "truth": save_truth(workdir, mask=head["mask"]),
+    }
+
+
+def bet_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.bet import bet
+
+    image, vox = inputs["magnitude_echo1"], inputs["voxel_mm"]
+    return lambda: bet(image, vox)
+
+
+def bet_check(bench: Benchmark, inputs: dict, mask: Any) -> str:
+    """Dice coefficient of the BET mask with the simulator's true brain mask."""
+    import numpy as np
+
+    true = _load(inputs["truth"])["mask"]
+    dice = 2 * np.count_nonzero(mask & true) / (np.count_nonzero(mask) + np.count_nonzero(true))
+    return f"Dice {dice:.3f} vs true mask"
+
+
+# ------------------------------------------------------------------------------ unwrapping + fit
+#: V-SHARP radii of the unwrapping rows' check: the error the unwrapping leaves is judged after
+#: the background-field removal that would follow it.
+UNWRAP_CHECK_RADII_MM = (10.0, 6.0)
+
+
+def unwrap_setup(bench: Benchmark, workdir: Path) -> dict:
+    fields = ("magnitude", "phase", "mask", "params")
+    truth = ("total_field_ppm", "local_field_ppm", "phase_offset_rad")
+    head = simulated_head(bench, fields + truth)
+    params = head.pop("params")
+    head.update(echo_times_s=tuple(params.echo_times_s), b0_tesla=params.b0_tesla)
+    head["truth"] = save_truth(workdir, **{name: head.pop(name) for name in truth})
+    return head
+
+
+def _fit(phase: Any, inputs: dict) -> Any:
+    from qsmflow.algorithms.echoes import fit_field
+
+    fit = fit_field(
+        phase,
+        inputs["magnitude"],
+        inputs["echo_times_s"],
+        b0_tesla=inputs["b0_tesla"],
+        mask=inputs["mask"],
+        weighting="mag2",
+    )
+    return fit.field_ppm
+
+
+def unwrap_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.unwrap import laplacian_unwrap_echo_differences
+
+    phase, vox = inputs["phase"], inputs["voxel_mm"]
+    return lambda: _fit(laplacian_unwrap_echo_differences(phase, vox, n_threads=n_threads), inputs)
+
+
+def unwrap_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
+    """Local-field NRMSE after V-SHARP of the fitted field, and of a perfectly unwrapped one.
+
+    Laplacian unwrapping is exact only up to a harmonic error, which background removal takes
+    away, so the fitted total field itself is no fair measure; the local field V-SHARP (radii
+    :data:`UNWRAP_CHECK_RADII_MM`, true brain mask) leaves is. The reference repeats the fit on
+    the measured phase unwrapped perfectly, with the 2 pi multiples of the noise-free phase
+    ``phase_offset + 2 pi gamma_bar B0 TE total_field``: what V-SHARP and noise alone leave.
+    """
+    import numpy as np
+
+    from qsmflow import GAMMA_BAR_MHZ_PER_T
+    from qsmflow.algorithms.background import vsharp
+    from qsmflow.algorithms.metrics import nrmse_demeaned
+
+    truth = _load(inputs["truth"])
+    mask, vox = inputs["mask"], inputs["voxel_mm"]
+
+    def local_nrmse(field: Any) -> float:
+        local, kept = vsharp(field, mask, vox, radii_mm=UNWRAP_CHECK_RADII_MM)
+        return nrmse_demeaned(local, truth["local_field_ppm"], kept)
+
+    rad_per_ppm = 2 * np.pi * GAMMA_BAR_MHZ_PER_T * inputs["b0_tesla"]
+    tes = np.asarray(inputs["echo_times_s"], dtype=np.float32)
+    noise_free = truth["phase_offset_rad"][..., None] + np.float32(rad_per_ppm) * (
+        truth["total_field_ppm"][..., None] * tes
+    )
+    wrapped = inputs["phase"] - noise_free
+    ideal = noise_free + (wrapped - np.float32(2 * np.pi) * np.round(wrapped / (2 * np.pi)))
+    return (
+        f"local NRMSE {local_nrmse(field_ppm):.1f}% after V-SHARP "
+        f"(ideal unwrap {local_nrmse(_fit(ideal, inputs)):.1f}%)"
+    )
+
+
+# ------------------------------------------------------------------------------ background removal
+def vsharp_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = simulated_head(bench, ("total_field_ppm", "mask", "local_field_ppm"))
+    head["truth"] = save_truth(workdir, local_field_ppm=head.pop("local_field_ppm"))
+    return head
+
+
+def vsharp_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.background import vsharp
+
+    field, mask, vox = inputs["total_field_ppm"], inputs["mask"], inputs["voxel_mm"]
+    return lambda: vsharp(field, mask, vox, n_threads=n_threads)
+
+
+def vsharp_check(bench: Benchmark, inputs: dict, output: Any) -> str:
+    """Demeaned NRMSE of the local field in V-SHARP's eroded mask, and how much mask it kept."""
+    from qsmflow.algorithms.metrics import nrmse_demeaned
+
+    local, kept = output
+    error = nrmse_demeaned(local, _load(inputs["truth"])["local_field_ppm"], kept)
+    kept_percent = 100 * kept.sum() / inputs["mask"].sum()
+    return f"local NRMSE {error:.1f}% (mask kept {kept_percent:.1f}%)"
+
+
+# ------------------------------------------------------------------------------ dipole inversion
+def tkd_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = simulated_head(bench, ("local_field_ppm", "mask", "chi_ppm"))
+    head["truth"] = save_truth(workdir, chi_ppm=head.pop("chi_ppm"))
+    return head
+
+
+def tkd_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.inversion import tkd
+
+    field, mask = inputs["local_field_ppm"], inputs["mask"]
+    vox, b0 = inputs["voxel_mm"], inputs["b0_dir"]
+    return lambda: tkd(field, mask, vox, b0, n_threads=n_threads)
+
+
+def tkd_check(bench: Benchmark, inputs: dict, chi: Any) -> str:
+    """Demeaned NRMSE and XSIM of chi in the true brain mask, from the true local field.
+
+    TKD's mean is arbitrary, so for XSIM (which compares values as they are) the map is first
+    shifted to the true chi's mean over the mask.
+    """
+    from qsmflow.algorithms.metrics import nrmse_demeaned, xsim
+
+    mask = inputs["mask"]
+    true = _load(inputs["truth"])["chi_ppm"]
+    shifted = (chi + (true[mask].mean() - chi[mask].mean())) * mask
+    return f"chi NRMSE {nrmse_demeaned(chi, true, mask):.1f}%, XSIM {xsim(shifted, true, mask):.3f}"
+
+
 # ------------------------------------------------------------------------------ registry
 def _rows() -> tuple[Benchmark, ...]:
     forward = {"setup": forward_setup, "prepare": forward_prepare, "check": forward_check}
     simulate = {"setup": simulate_setup, "prepare": simulate_prepare, "check": simulate_check}
+    bet = {"setup": bet_setup, "prepare": bet_prepare, "check": bet_check}
+    unwrap = {"setup": unwrap_setup, "prepare": unwrap_prepare, "check": unwrap_check}
+    vsharp = {"setup": vsharp_setup, "prepare": vsharp_prepare, "check": vsharp_check}
+    tkd = {"setup": tkd_setup, "prepare": tkd_prepare, "check": tkd_check}
     return (
         Benchmark("forward-2mm", "forward model", MATRIX_2MM, ISO_2MM, **forward, quick=True),
         Benchmark("forward-1mm", "forward model", MATRIX_1MM, ISO_1MM, **forward),
@@ -238,10 +404,22 @@ def _rows() -> tuple[Benchmark, ...]:
         Benchmark(
             "simulate-1mm", "simulator (1 subject, 4 echoes)", MATRIX_1MM, ISO_1MM, **simulate
         ),
+        Benchmark("bet-2mm", "brain extraction (BET)", MATRIX_2MM, ISO_2MM, **bet, quick=True),
+        Benchmark("bet-1mm", "brain extraction (BET)", MATRIX_1MM, ISO_1MM, **bet),
+        Benchmark(
+            "unwrap-2mm", "unwrap + field fit (4 echoes)", MATRIX_2MM, ISO_2MM, **unwrap, quick=True
+        ),
+        Benchmark("unwrap-1mm", "unwrap + field fit (4 echoes)", MATRIX_1MM, ISO_1MM, **unwrap),
+        Benchmark(
+            "vsharp-2mm", "background removal (V-SHARP)", MATRIX_2MM, ISO_2MM, **vsharp, quick=True
+        ),
+        Benchmark("vsharp-1mm", "background removal (V-SHARP)", MATRIX_1MM, ISO_1MM, **vsharp),
+        Benchmark("tkd-2mm", "dipole inversion (TKD)", MATRIX_2MM, ISO_2MM, **tkd, quick=True),
+        Benchmark("tkd-1mm", "dipole inversion (TKD)", MATRIX_1MM, ISO_1MM, **tkd),
     )
 
 
-#: Every row, in table order. Later steps add their rows here.
+#: Every row, in table order (pipeline order). Later steps add their rows here.
 ROWS: tuple[Benchmark, ...] = _rows()
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in ROWS}
 assert len(BENCHMARKS) == len(ROWS), "benchmark names must be unique"

@@ -364,10 +364,10 @@ def simulate_acquisition(
         sens /= np.float32(np.mean(rss[mask]))
         signal = signal[..., None] * sens[..., None, :]
         offsets = (phase0[..., None] + np.angle(sens)).astype(np.float32)
+        # the root-sum-of-squares image has noise SD ~ the per-channel sigma (high SNR), so
+        # sigma = RSS level / SNR gives the requested SNR after coil combination
         ref_level = float(np.sqrt((np.abs(signal[..., 0, :]) ** 2).sum(-1))[mask].mean())
         sigma = ref_level / params.snr
-        # per-channel noise so the root-sum-of-squares image has about the requested SNR
-        sigma /= np.sqrt(params.n_coils)
     else:
         offsets = phase0
         sigma = ref_level / params.snr

@@ -41,3 +41,21 @@ def test_demo_outputs_pass_the_bids_validator(demo_run):
 def test_demo_refuses_to_overwrite(demo_run, capsys):
     assert demo_main([str(demo_run), "--voxel-size", "4"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_scores_agree_with_qsm_ci_on_the_simulated_labels(demo_run):
+    """The simulator's segmentation uses the challenge label scheme, so qsm-ci's scorer runs
+    unchanged on our outputs and gives the numbers the demo reports."""
+    qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
+    import nibabel as nib
+    import numpy as np
+
+    gt = demo_run / "bids/derivatives/qsmflow-simulate/sub-01/anat"
+    recon = nib.load(demo_run / "qsmflow/sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
+    truth = nib.load(gt / "sub-01_Chimap.nii.gz").get_fdata()
+    mask = nib.load(gt / "sub-01_desc-brain_mask.nii.gz").get_fdata()
+    seg = np.rint(nib.load(gt / "sub-01_desc-phantom_dseg.nii.gz").get_fdata()).astype(np.int32)
+    theirs, _ = qsm_eval.score_arrays(recon, truth, mask, "chi", seg=seg)
+    ours = json.loads((demo_run / "scores.json").read_text())["chi"]
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -201,6 +201,23 @@ def test_noise_level_matches_snr(model):
     assert 45 < snr < 55
 
 
+def test_coil_combined_noise_level_matches_snr(model):
+    params = AcquisitionParams(
+        matrix=(59, 69, 53),
+        voxel_size_mm=(3.0, 3.0, 3.0),
+        echo_times_s=(0.004,),
+        snr=40.0,
+        n_coils=8,
+    )
+    rss = []
+    for seed in (5, 6):
+        sim = simulate_acquisition(model, params, rng=np.random.default_rng(seed))
+        rss.append(np.sqrt((sim.magnitude[..., 0, :] ** 2).sum(-1)))
+    mask = sim.mask
+    sigma = np.std((rss[0] - rss[1])[mask]) / np.sqrt(2)
+    assert 36 < rss[0][mask].mean() / sigma < 44
+
+
 def test_deterministic_for_a_seed(model):
     a = simulate_acquisition(model, SMALL, rng=np.random.default_rng(3))
     b = simulate_acquisition(make_head_model(11), SMALL, rng=np.random.default_rng(3))
