@@ -1,4 +1,4 @@
-"""Tests for qsmflow.algorithms.background (SHARP, V-SHARP).
+"""Tests for qsmflow.algorithms.background.smv (SHARP, V-SHARP).
 
 Known answers: harmonic fields (polynomials, fields of sources outside the mask) are removed;
 the returned mask is the mask eroded by the smallest sphere; on the simulator's total field the

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.fft
 
-from .fft import crop_centered, pad_centered, padded_shape
+from ..fft import crop_centered, pad_centered, padded_shape
 
 __all__ = ["default_radii_mm", "smv_kernel", "sharp", "vsharp"]
 
