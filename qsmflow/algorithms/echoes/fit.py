@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import GAMMA_BAR_MHZ_PER_T
+from ... import GAMMA_BAR_MHZ_PER_T
 
 __all__ = ["FieldFit", "fit_field"]
 

@@ -1,0 +1,11 @@
+"""Phase unwrapping: spatial (Laplacian, region growing) and multi-echo strategies."""
+
+from .laplacian import laplacian_kernel, laplacian_unwrap
+from .multi_echo import laplacian_unwrap_echo_differences, temporal_unwrap
+
+__all__ = [
+    "laplacian_kernel",
+    "laplacian_unwrap",
+    "laplacian_unwrap_echo_differences",
+    "temporal_unwrap",
+]
