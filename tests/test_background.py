@@ -83,7 +83,7 @@ def test_polynomial_harmonic_background_removed():
 
 @pytest.mark.parametrize("vox", [(1.0, 1.0, 1.0), (1.0, 1.25, 2.0)])
 def test_field_of_outside_sources_removed(vox):
-    shape = (64, 56, 40)
+    shape = (64, 56, 60)
     x, y, z = np.meshgrid(
         *[(np.arange(n) - n / 2) * d for n, d in zip(shape, vox, strict=True)], indexing="ij"
     )

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft
 
 from ..fft import crop_centered, pad_centered, padded_shape
+from ._validate import check_inputs
 
 __all__ = ["default_radii_mm", "smv_kernel", "sharp", "vsharp"]
 
@@ -67,15 +68,6 @@ def smv_kernel(
     kernel[offsets] = np.float32(1.0 / count)  # negative offsets wrap to the far end
     spectrum = scipy.fft.rfftn(kernel).real.astype(np.float32)
     return spectrum, count
-
-
-def _check(field: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float]) -> None:
-    if field.ndim != 3:
-        raise ValueError(f"field must be a 3-D array, got shape {field.shape}")
-    if mask.shape != field.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from field shape {field.shape}")
-    if len(voxel_size_mm) != 3 or min(voxel_size_mm) <= 0:
-        raise ValueError(f"voxel_size_mm must be 3 positive sizes, got {voxel_size_mm!r}")
 
 
 def vsharp(
@@ -130,7 +122,7 @@ def vsharp(
     """
     field = np.asarray(total_field_ppm, dtype=np.float32)
     roi = np.asarray(mask, dtype=bool)
-    _check(field, roi, voxel_size_mm)
+    field, roi = check_inputs(field, roi, voxel_size_mm)
     radii = default_radii_mm(voxel_size_mm) if radii_mm is None else np.asarray(radii_mm, float)
     radii = np.sort(np.unique(radii.reshape(-1)))[::-1]
     if radii.size == 0 or radii[-1] <= 0:

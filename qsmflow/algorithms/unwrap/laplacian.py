@@ -154,4 +154,3 @@ def laplacian_unwrap(
     for e in range(phase.shape[3]):
         out[..., e] = _unwrap_3d(np.ascontiguousarray(phase[..., e]), lap_kernel, big, n_threads)
     return out
-
