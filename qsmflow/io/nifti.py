@@ -20,6 +20,7 @@ __all__ = [
     "voxel_sizes",
     "b0_direction_from_affine",
     "load_nifti",
+    "load_echoes",
     "save_nifti",
     "read_json",
     "write_json",
@@ -75,6 +76,52 @@ def load_nifti(
     if dtype is bool:
         return data > 0.5, img
     return np.asarray(data, dtype=dtype), img
+
+
+def load_echoes(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    what: str = "image",
+    allow_nan: bool = False,
+) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Load multi-echo data as one float32 (x, y, z, echo) array plus the first image.
+
+    ``paths`` is one 4-D file (echoes along the 4th axis), one 3-D file (a single echo) or a
+    list of 3-D files, one per echo. Shapes and affines must agree across files; NaN/Inf are
+    rejected unless ``allow_nan``. Errors name the offending file and say what was expected.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError(f"no {what} files given")
+    arrays, first = [], None
+    for path in paths:
+        data, img = load_nifti(path)
+        if data.ndim == 3:
+            data = data[..., None]
+        if data.ndim != 4:
+            raise ValueError(
+                f"{path}: expected a 3-D image or a 4-D stack of echoes, got shape {data.shape}"
+            )
+        if first is None:
+            first = img
+        else:
+            if data.shape[:3] != first.shape[:3]:
+                raise ValueError(
+                    f"{path}: shape {data.shape[:3]} differs from {paths[0]} {first.shape[:3]}; "
+                    f"all {what} echoes must share one grid"
+                )
+            if not np.allclose(img.affine, first.affine, atol=1e-4):
+                raise ValueError(
+                    f"{path}: affine differs from {paths[0]}; all {what} echoes must share one "
+                    "voxel-to-world transform"
+                )
+        if not allow_nan and not np.all(np.isfinite(data)):
+            raise ValueError(f"{path}: {what} contains NaN or Inf values; fix or mask them first")
+        arrays.append(data)
+    assert first is not None
+    return np.concatenate(arrays, axis=3), first
 
 
 class atomic_path:

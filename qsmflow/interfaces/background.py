@@ -1,0 +1,84 @@
+"""Background field removal interface."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined, traits
+
+from ..algorithms import background
+from ..io.nifti import load_nifti, save_nifti, voxel_sizes
+from ._common import ThreadedInputSpec, b0_direction, field_to_ppm, output_path
+
+#: method -> (function name in qsmflow.algorithms.background, needs B0 direction,
+#:            interface option -> function keyword)
+METHODS: dict[str, tuple[str, bool, dict[str, str]]] = {
+    "sharp": ("sharp", False, {"radius_mm": "radius_mm", "threshold": "threshold"}),
+    "vsharp": ("vsharp", False, {"radii_mm": "radii_mm", "threshold": "threshold"}),
+    "resharp": ("resharp", False, {"radius_mm": "radius_mm", "regularization": "lambda_"}),
+    "ismv": ("ismv", False, {"radius_mm": "radius_mm", "tol": "tol", "max_iter": "max_iter"}),
+    "pdf": ("pdf", True, {"tol": "tol", "max_iter": "max_iter"}),
+    "lbv": ("lbv", False, {"tol": "tol", "max_iter": "max_cycles", "peel": "peel"}),
+}
+
+
+class _BackgroundRemovalInputSpec(ThreadedInputSpec):
+    in_field = File(exists=True, mandatory=True, desc="total field map (NIfTI), ppm or Hz")
+    field_units = traits.Enum("ppm", "Hz", usedefault=True, desc="units of in_field")
+    b0_tesla = traits.Float(desc="main field strength in Tesla (needed when field_units='Hz')")
+    in_mask = File(exists=True, mandatory=True, desc="brain mask (NIfTI)")
+    method = traits.Enum(
+        "vsharp",
+        *(m for m in METHODS if m != "vsharp"),
+        usedefault=True,
+        desc="background removal method (default vsharp)",
+    )
+    b0_direction = traits.Tuple(
+        traits.Float,
+        traits.Float,
+        traits.Float,
+        desc="B0 direction in voxel coordinates (default: from the affine)",
+    )
+    radius_mm = traits.Float(desc="SMV sphere radius in mm (sharp, resharp, ismv)")
+    radii_mm = traits.List(traits.Float, desc="SMV sphere radii in mm, large to small (vsharp)")
+    threshold = traits.Float(desc="TSVD truncation of the SMV deconvolution (sharp, vsharp)")
+    regularization = traits.Float(desc="Tikhonov weight lambda (resharp)")
+    tol = traits.Float(desc="relative convergence tolerance (ismv, pdf, lbv)")
+    max_iter = traits.Int(desc="maximum iterations (ismv, pdf) or multigrid cycles (lbv)")
+    peel = traits.Float(desc="boundary layers to discard, mm (lbv)")
+
+
+class _BackgroundRemovalOutputSpec(TraitedSpec):
+    out_field = File(exists=True, desc="local field in ppm")
+    out_mask = File(exists=True, desc="mask where the local field is valid (eroded as implied)")
+
+
+class BackgroundRemoval(SimpleInterface):
+    """Remove the background field: SHARP, V-SHARP, RESHARP, iSMV, PDF or LBV."""
+
+    input_spec = _BackgroundRemovalInputSpec
+    output_spec = _BackgroundRemovalOutputSpec
+
+    def _run_interface(self, runtime):
+        field, img = load_nifti(self.inputs.in_field)
+        mask = load_nifti(self.inputs.in_mask, dtype=bool)[0]
+        if field.shape != mask.shape:
+            raise ValueError(
+                f"{self.inputs.in_mask}: mask shape {mask.shape} differs from field "
+                f"{self.inputs.in_field} shape {field.shape}"
+            )
+        field = field_to_ppm(field, self.inputs.field_units, self.inputs.b0_tesla)
+        func_name, needs_b0, options = METHODS[self.inputs.method]
+        kwargs = {
+            kw: getattr(self.inputs, name)
+            for name, kw in options.items()
+            if isdefined(getattr(self.inputs, name))
+        }
+        func = getattr(background, func_name)
+        args = [field, mask, voxel_sizes(img.affine)]
+        if needs_b0:
+            args.append(b0_direction(self.inputs, img.affine))
+        local, valid = func(*args, n_threads=self.inputs.num_threads, **kwargs)
+        self._results["out_field"] = output_path(runtime.cwd, self.inputs.in_field, "local")
+        self._results["out_mask"] = output_path(runtime.cwd, self.inputs.in_field, "localmask")
+        save_nifti(local, img.affine, self._results["out_field"], header=img.header)
+        save_nifti(valid, img.affine, self._results["out_mask"])
+        return runtime
