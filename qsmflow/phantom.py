@@ -229,10 +229,10 @@ def _brain_sd(p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def label_points(
     model: HeadModel, x: np.ndarray, y: np.ndarray, z: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Segmentation labels (int8) and brain mask at head-frame points (mm, equal-length 1-D).
+    """Segmentation labels (int8) and signed distance to the brain envelope (mm, float32).
 
-    The brain mask is the brain envelope: parenchyma, ventricles, sulcal CSF and the veins
-    inside it.
+    Head-frame points are equal-length 1-D arrays in mm. The brain mask is ``distance < 0``:
+    the brain envelope with parenchyma, ventricles, sulcal CSF and the veins inside it.
     """
     s = model.scale.astype(np.float32)
     p = (x.astype(np.float32) / s[0], y.astype(np.float32) / s[1], z.astype(np.float32) / s[2])
@@ -327,7 +327,7 @@ def label_points(
             d = _dist_to_polyline(tuple(v[box] for v in qn), pts)
             vein[box[d < radius]] = True
     labels[near[vein]] = BLOOD
-    return labels, brain_sd < 0
+    return labels, brain_sd.astype(np.float32)
 
 
 def tissue_maps(

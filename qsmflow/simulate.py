@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from . import GAMMA_BAR_MHZ_PER_T, __version__
 from .algorithms.dipole import forward_field
@@ -300,16 +301,26 @@ def simulate_acquisition(
     centred = [world[i] - shift[i] for i in range(3)]
     head = [sum(rt[r, c] * centred[c] for c in range(3)).ravel() for r in range(3)]
     del centred
-    labels, mask_ext = label_points(model, *head)
+    labels, brain_sd = label_points(model, *head)
     maps = tissue_maps(model, labels, *head, b0_tesla=params.b0_tesla)
     labels = labels.reshape(ext_shape)
     chi_ext = maps["chi_ppm"].reshape(ext_shape)
     del head
 
     # Total field: susceptibility relative to the surrounding air (zero outside the grid).
-    total_ext = forward_field(
-        chi_ext - np.float32(CHI_AIR_PPM), vox, b0_dir, pad_factor=1.25, n_threads=n_threads
-    )
+    # Away from the brain the sources get partial-volume edges: a voxelised 9.4 ppm air/bone
+    # step would otherwise ring under the k-space kernel (non-harmonic ripples inside the
+    # brain that no scanner produces); the brain and a rim around it stay voxel-exact, so the
+    # local field is exactly that of the ground-truth chi.
+    brain_sd = brain_sd.reshape(ext_shape)
+    mask_ext = brain_sd < 0
+    sources = chi_ext - np.float32(CHI_AIR_PPM)
+    ramp = np.clip((brain_sd - 1.5 * vox.max()) / (2.0 * vox.max()), 0, 1).astype(np.float32)
+    del brain_sd
+    sources += ramp * (ndimage.gaussian_filter(sources, 0.7) - sources)
+    del ramp
+    total_ext = forward_field(sources, vox, b0_dir, pad_factor=1.25, n_threads=n_threads)
+    del sources
     total = np.ascontiguousarray(total_ext[crop])
     del total_ext
     seg = np.ascontiguousarray(labels[crop])
@@ -320,7 +331,7 @@ def simulate_acquisition(
     del chi_ext, labels, maps
     w_fov = tuple(np.ascontiguousarray(w[crop]) for w in world)
     del world
-    mask = np.ascontiguousarray(mask_ext.reshape(ext_shape)[crop])
+    mask = np.ascontiguousarray(mask_ext[crop])
     del mask_ext
 
     # Local field: the brain's own sources, demeaned so no uniform-chi field is attributed to it.
