@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qsmflow.io.nifti import save_nifti
 from qsmflow.phantom import make_head_model
 from qsmflow.simulate import AcquisitionParams, SimulatedAcquisition, simulate_acquisition
 
@@ -25,3 +26,30 @@ def sim_2mm() -> SimulatedAcquisition:
         if isinstance(value, np.ndarray):
             value.flags.writeable = False
     return sim
+
+
+#: Echo times (s) of the interface fixture.
+INTERFACE_TES = [0.005, 0.010, 0.015, 0.020]
+
+
+@pytest.fixture(scope="session")
+def interface_data(tmp_path_factory):
+    """A 3 mm simulated head written as one 3-D NIfTI per echo and part, plus truth."""
+    root = tmp_path_factory.mktemp("ifdata")
+    sim = simulate_acquisition(
+        make_head_model(2),
+        AcquisitionParams(
+            matrix=(59, 69, 53), voxel_size_mm=(3.0, 3.0, 3.0), echo_times_s=tuple(INTERFACE_TES)
+        ),
+        rng=np.random.default_rng(1),
+    )
+    files = {"mag": [], "phase": []}
+    for e in range(len(INTERFACE_TES)):
+        for part, arr in (("mag", sim.magnitude), ("phase", sim.phase)):
+            path = root / f"sub-01_echo-{e + 1}_part-{part}_MEGRE.nii.gz"
+            save_nifti(arr[..., e], sim.affine, path)
+            files[part].append(str(path))
+    save_nifti(sim.mask, sim.affine, root / "truemask.nii.gz")
+    save_nifti(sim.total_field_ppm, sim.affine, root / "total_ppm.nii.gz")
+    save_nifti(sim.local_field_ppm, sim.affine, root / "local_ppm.nii.gz")
+    return {"root": root, "sim": sim, **files}

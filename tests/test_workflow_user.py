@@ -17,18 +17,18 @@ from qsmflow.interfaces import (
     ReferenceSusceptibility,
 )
 
-from .test_interfaces import TES, load
-from .test_interfaces import data as data_fixture  # noqa: F401  (pytest fixture "data")
+from .conftest import INTERFACE_TES as TES
+from .test_interfaces import load
 
 
-def test_workflow_with_nipype_nodes_around(data, tmp_path):
+def test_workflow_with_nipype_nodes_around(interface_data, tmp_path):
     """qsmflow interfaces wired with nipype's own IdentityInterface and DataSink."""
     wf = pe.Workflow(name="user_wf", base_dir=str(tmp_path / "work"))
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["phase", "mag", "tes", "b0"]), name="inputnode"
     )
-    inputnode.inputs.phase = data["phase"]
-    inputnode.inputs.mag = data["mag"]
+    inputnode.inputs.phase = interface_data["phase"]
+    inputnode.inputs.mag = interface_data["mag"]
     inputnode.inputs.tes = TES
     inputnode.inputs.b0 = 3.0
     mask = pe.Node(BrainMask(method="bet"), name="mask")
@@ -66,7 +66,7 @@ def test_workflow_with_nipype_nodes_around(data, tmp_path):
     chi_files = sorted((tmp_path / "out" / "chi").glob("*.nii.gz"))
     assert len(chi_files) == 1
     chi = load(chi_files[0])
-    sim = data["sim"]
+    sim = interface_data["sim"]
     scale = 1 / (42.57747892 * 3.0)
     corr = metrics.correlation(chi / scale, sim.chi_ppm, sim.mask & (chi != 0))
     assert corr > 0.4  # measured ~0.5 at 3 mm with this simple chain
