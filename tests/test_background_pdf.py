@@ -1,0 +1,166 @@
+"""Tests for qsmflow.algorithms.background.pdf (projection onto dipole fields).
+
+Known answers: the field of sources outside the mask is removed (to a small leftover that grows
+clearly when the B0 direction or the voxel size given to the method is wrong); weights exclude
+corrupt voxels from the fit; on the simulator's total field the local field matches the true
+local field to within the accuracy measured for the method; bad input raises ValueError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qsmflow.algorithms.background.pdf import pdf
+from qsmflow.algorithms.dipole import forward_field
+from qsmflow.algorithms.metrics import correlation, nrmse_demeaned
+
+
+def energy_ratio(residual, reference, roi):
+    """Energy of ``residual`` over that of ``reference`` in ``roi``, both demeaned."""
+    r = residual[roi] - residual[roi].mean()
+    t = reference[roi] - reference[roi].mean()
+    return float(np.dot(r, r) / np.dot(t, t))
+
+
+VOX = (1.0, 1.25, 2.0)
+B0 = np.array((0.5, -0.3, 1.0)) / np.linalg.norm((0.5, -0.3, 1.0))  # 30 degrees off z
+
+
+@pytest.fixture(scope="module")
+def outside_sources():
+    """Ellipsoidal mask (anisotropic voxels) and the field of smooth sources outside it."""
+    shape = (64, 56, 48)
+    x, y, z = np.meshgrid(
+        *[(np.arange(n) - n / 2) * d for n, d in zip(shape, VOX, strict=True)], indexing="ij"
+    )
+    mask = (x / 22) ** 2 + (y / 20) ** 2 + (z / 24) ** 2 < 1
+    chi = np.zeros(shape, np.float32)
+    for c, radius, val in (
+        ((29, 0, 0), 6.0, 9.0),
+        ((-10, 25, 5), 5.0, -2.0),
+        ((0, -8, 32), 6.0, 1.0),
+        ((5, 5, -34), 7.0, 4.0),
+    ):
+        r2 = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / radius**2
+        chi += (val * np.clip(1 - r2, 0, None) ** 3).astype(np.float32)
+    assert not chi[mask].any()
+    return mask, forward_field(chi, VOX, B0), (x, y, z)
+
+
+@pytest.mark.parametrize("n_levels", [0, 1])
+def test_field_of_outside_sources_removed(outside_sources, n_levels):
+    mask, background, _ = outside_sources
+    local, roi = pdf(background, mask, VOX, B0, n_levels=n_levels, max_iter=50)
+    assert local.dtype == np.float32 and roi.dtype == bool
+    np.testing.assert_array_equal(roi, mask)  # PDF erodes nothing
+    assert not local[~roi].any()
+    # measured 7.5e-5 / 7.4e-5 (0 / 1 coarse levels) of the background's energy
+    leak = energy_ratio(local, background, roi)
+    assert leak < 5e-4
+    # A kernel with the wrong B0 direction (z instead of 30 degrees off it) or with isotropic
+    # voxels fits the field clearly worse: measured 7.5e-4 / 6.6e-4 and 3.1e-2.
+    wrong_b0, _ = pdf(background, mask, VOX, (0, 0, 1), n_levels=n_levels, max_iter=50)
+    assert energy_ratio(wrong_b0, background, roi) > 5 * leak
+    wrong_vox, _ = pdf(background, mask, (1, 1, 1), B0, n_levels=n_levels, max_iter=50)
+    assert energy_ratio(wrong_vox, background, roi) > 100 * leak
+
+
+def test_weights_exclude_corrupt_voxels(outside_sources):
+    mask, background, (x, y, z) = outside_sources
+    # an unwrapping-like error: a large offset on a patch at the edge of the mask
+    corrupt = mask & (x > 12) & (np.abs(y) < 6) & (np.abs(z) < 8)
+    bad = background + np.where(corrupt, np.abs(background[mask]).max(), 0).astype(np.float32)
+    clean = mask & ~corrupt
+    uniform, _ = pdf(bad, mask, VOX, B0, max_iter=50)
+    weighted, _ = pdf(bad, mask, VOX, B0, weights=(~corrupt).astype(np.float32), max_iter=50)
+    # measured 0.48 (the fit bends towards the error) and 1.8e-4 of the background's energy
+    assert energy_ratio(uniform, background, clean) > 0.05
+    assert energy_ratio(weighted, background, clean) < 5e-4
+    # only relative weights matter
+    scaled, _ = pdf(background, mask, VOX, B0, weights=np.full(mask.shape, 3.0), max_iter=20)
+    plain, _ = pdf(background, mask, VOX, B0, max_iter=20)
+    np.testing.assert_allclose(scaled, plain, rtol=0, atol=1e-6 * np.abs(plain).max())
+
+
+def test_result_depends_only_on_the_mask_region(outside_sources):
+    # The sources live on a grid around the mask's bounding box, so the field of view (here
+    # cut to one voxel around the mask) does not matter.
+    mask, background, _ = outside_sources
+    idx = np.nonzero(mask)
+    box = tuple(slice(int(i.min()) - 1, int(i.max()) + 2) for i in idx)
+    big, _ = pdf(background, mask, VOX, B0, max_iter=10)
+    small, _ = pdf(background[box], mask[box], VOX, B0, max_iter=10)
+    np.testing.assert_array_equal(big[box], small)
+
+
+def test_simulated_background_only(sim_2mm):
+    """Field of everything outside the brain (forward model of chi outside the mask)."""
+    sim = sim_2mm
+    vox = sim.params.voxel_size_mm
+    outside = np.where(sim.mask, 0, sim.chi_ppm - 9.41).astype(np.float32)  # air-referenced
+    background = forward_field(outside, vox, sim.b0_dir, n_threads=2)
+    # A field without local part never meets the relative stopping rule; max_iter bounds it.
+    local, roi = pdf(background, sim.mask, vox, sim.b0_dir, max_iter=30, n_threads=2)
+    # measured 7e-5 of the background's energy left in the mask (3.6e-5 with max_iter=50)
+    assert energy_ratio(local, background, roi) < 1e-3
+
+
+def test_simulated_total_field(sim_2mm):
+    sim = sim_2mm
+    vox = sim.params.voxel_size_mm
+    total = sim.total_field_ppm
+    local, roi = pdf(total, sim.mask, vox, sim.b0_dir, n_threads=2)
+    assert local.dtype == np.float32 and roi is not sim.mask
+    np.testing.assert_array_equal(roi, sim.mask)
+    assert not local[~roi].any()
+    # Measured demeaned NRMSE / correlation: 50.6 % / 0.863 (a 4 mm coarse level, 54 + 19
+    # iterations); 50.5 % on the full grid alone; 52.4 % and 50.2 % for head models 1 and 2;
+    # 43.2 % at 1 mm (200x200x160). A faithful PDF cannot reach 40 % on this phantom: run on
+    # the *true local field alone* it already loses 49 %, because outside dipoles reproduce
+    # the harmonic part of the local field (its projection on harmonic polynomials of order
+    # <= 2 alone is 28 % of its norm inside the mask; the rest of the error sits at the mask
+    # edge, 60-80 % in the outer 4 mm), while the background is removed well (see
+    # test_simulated_background_only). Iterating longer removes more of the local field
+    # (54 % with tol=0.03); stopping early leaves background (100 % after 5 iterations).
+    # The threshold is the measured level plus a margin.
+    nrmse = nrmse_demeaned(local, sim.local_field_ppm, roi)
+    assert nrmse < 53
+    assert correlation(local, sim.local_field_ppm, roi) > 0.85
+
+
+def test_rejects_bad_input():
+    field = np.zeros((12, 12, 12), np.float32)
+    mask = np.zeros((12, 12, 12), bool)
+    mask[3:9, 3:9, 3:9] = True
+    edge = mask.copy()
+    edge[0, 5, 5] = True
+    nan_field = field.copy()
+    nan_field[5, 5, 5] = np.nan
+    bad_calls = [
+        dict(total_field_ppm=field, mask=mask[:-1]),  # shape mismatch
+        dict(total_field_ppm=field[..., None], mask=mask[..., None]),  # 4-D
+        dict(total_field_ppm=field, mask=np.zeros_like(mask)),  # empty mask
+        dict(total_field_ppm=field, mask=edge),  # mask touches the border
+        dict(total_field_ppm=nan_field, mask=mask),  # NaN inside the mask
+        dict(total_field_ppm=field, mask=mask, voxel_size_mm=(1, 1)),
+        dict(total_field_ppm=field, mask=mask, voxel_size_mm=(1, 0, 1)),
+        dict(total_field_ppm=field, mask=mask, b0_dir=(0, 1)),  # wrong B0 shape
+        dict(total_field_ppm=field, mask=mask, b0_dir=(0, 0, 0)),
+        dict(total_field_ppm=field, mask=mask, b0_dir=(0, np.nan, 1)),
+        dict(total_field_ppm=field, mask=mask, weights=np.ones((12, 12))),
+        dict(total_field_ppm=field, mask=mask, weights=-np.ones((12, 12, 12))),
+        dict(total_field_ppm=field, mask=mask, weights=np.zeros((12, 12, 12))),
+        dict(total_field_ppm=field, mask=mask, tol=0.0),
+        dict(total_field_ppm=field, mask=mask, tol=1.5),
+        dict(total_field_ppm=field, mask=mask, max_iter=0),
+        dict(total_field_ppm=field, mask=mask, pad_factor=0.5),
+        dict(total_field_ppm=field, mask=mask, n_levels=-1),
+    ]
+    for kwargs in bad_calls:
+        kwargs.setdefault("voxel_size_mm", (1, 1, 1))
+        with pytest.raises(ValueError):
+            pdf(**kwargs)
+    # a field that is zero in the mask has no background to fit
+    local, roi = pdf(field, mask, (1, 1, 1))
+    assert not local.any() and np.array_equal(roi, mask)
