@@ -39,7 +39,18 @@ class _PhaseUnwrapInputSpec(ThreadedInputSpec):
         File(exists=True), desc="magnitude images matching in_phase (region growing weights)"
     )
     echo_times = traits.List(traits.Float, desc="echo times in seconds (multi-echo input)")
-    method = traits.Enum("laplacian", "region-growing", usedefault=True, desc="spatial unwrapper")
+    method = traits.Enum(
+        "laplacian",
+        "region-growing",
+        usedefault=True,
+        desc="spatial unwrapper: Laplacian (smooth, not congruent) or region growing (exact 2 pi)",
+    )
+    mode = traits.Enum(
+        "template",
+        "individual",
+        usedefault=True,
+        desc="multi-echo: unwrap one echo spatially and the rest over TE, or each echo spatially",
+    )
     in_mask = File(exists=True, desc="optional mask (region growing unwraps inside it)")
 
 
@@ -50,9 +61,10 @@ class _PhaseUnwrapOutputSpec(TraitedSpec):
 class PhaseUnwrap(SimpleInterface):
     """Unwrap single- or multi-echo phase (radians).
 
-    ``laplacian``: Schofield & Zhu 2003 (multi-echo: first echo plus Laplacian-unwrapped
-    consecutive echo differences). ``region-growing``: quality-guided unwrapping (ROMEO-like,
-    Dymerska et al. 2021), exact multiples of 2 pi.
+    ``laplacian``: Schofield & Zhu 2003 (multi-echo template mode: first echo plus
+    Laplacian-unwrapped consecutive echo differences). ``region-growing``: quality-guided
+    unwrapping (ROMEO-like, Dymerska et al. 2021), exact multiples of 2 pi; multi-echo data are
+    unwrapped from a template echo over TE (``mode="template"``) or echo by echo.
     """
 
     input_spec = _PhaseUnwrapInputSpec
@@ -80,19 +92,23 @@ class PhaseUnwrap(SimpleInterface):
             else None
         )
         n = self.inputs.num_threads
-        if self.inputs.method == "laplacian":
-            if n_echo == 1:
-                out = unwrap.laplacian_unwrap(phase[..., 0], vox, n_threads=n)[..., None]
+        if n_echo == 1:
+            if self.inputs.method == "laplacian":
+                out = unwrap.laplacian_unwrap(phase[..., 0], vox, n_threads=n)
             else:
-                out = unwrap.laplacian_unwrap_echo_differences(phase, vox, n_threads=n)
+                out = unwrap.region_growing_unwrap(
+                    phase[..., 0], vox, magnitude=None if mag is None else mag[..., 0], mask=mask
+                )
+            out = out[..., None]
         else:
             out = unwrap.unwrap_multi_echo(
                 phase,
                 vox,
-                tes if tes is not None else [1.0],
+                tes,
                 magnitude=mag,
                 mask=mask,
-                method="region-growing",
+                method=self.inputs.method,
+                mode=self.inputs.mode,
                 n_threads=n,
             )
         path = output_path(runtime.cwd, first_file(self.inputs.in_phase), "unwrapped")
