@@ -94,103 +94,134 @@ def _check_inputs(
     return mag, ph, tes, sig / vox, sel
 
 
-def _slabs(n: int, plane: int) -> list[slice]:
-    step = max(1, _SLAB_VOXELS // max(plane, 1))
+def _slabs(n: int, plane: int, multiple: int = 1) -> list[slice]:
+    """Slices of the first axis, about ``_SLAB_VOXELS / plane`` rows each (whole ``multiple``s)."""
+    step = max(1, _SLAB_VOXELS // max(plane, 1) // multiple) * multiple
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _upsample_linear(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]):
-    """Linear interpolation of block centres back to the fine grid (edges held constant)."""
-    out = coarse
-    for axis, (f, n) in enumerate(zip(factors, shape, strict=True)):
-        if f == 1:
-            continue
-        n_c = out.shape[axis]
-        # fine voxel i lies at coarse coordinate (i + 0.5) / f - 0.5 (block centres)
-        t = np.clip((np.arange(n) + 0.5) / f - 0.5, 0, n_c - 1)
-        i0 = np.floor(t).astype(np.intp)
-        i1 = np.minimum(i0 + 1, n_c - 1)
-        w = (t - i0).astype(np.float32)
-        bshape = [1] * out.ndim
-        bshape[axis] = n
-        w = w.reshape(bshape)
-        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i1, axis=axis) * w
-    return out
+def _run(fn, items, n_threads: int) -> None:
+    if n_threads > 1 and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=min(n_threads, len(items))) as pool:
+            list(pool.map(fn, items))
+    else:
+        for item in items:
+            fn(item)
+
+
+def _block_factors(sigma_vox: np.ndarray) -> tuple[int, int, int]:
+    """Block size per axis for smoothing on a coarse grid (1: smooth at full resolution)."""
+    return tuple(max(1, int(s // 2)) if s >= 4 else 1 for s in sigma_vox)
+
+
+def _block_mean(z: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Means over blocks of ``factors`` voxels of the first three axes (zero-padded at the end)."""
+    if all(f == 1 for f in factors):
+        return z
+    shape = z.shape[:3]
+    padded = [-(-n // f) * f for n, f in zip(shape, factors, strict=True)]
+    if padded != list(shape):
+        zp = np.zeros(tuple(padded) + z.shape[3:], dtype=z.dtype)
+        zp[: shape[0], : shape[1], : shape[2]] = z
+        z = zp
+    split = []
+    for n, f in zip(padded, factors, strict=True):
+        split += [n // f, f]
+    blocks = z.reshape(tuple(split) + z.shape[3:])
+    return blocks.sum(axis=(1, 3, 5)) * np.float32(1 / np.prod(factors))
+
+
+def _upsample_axis(coarse: np.ndarray, factor: int, n: int, axis: int) -> np.ndarray:
+    """Linear interpolation from block centres to the ``n`` fine voxels along ``axis``.
+
+    Fine voxel ``j * factor + r`` lies at coarse coordinate ``j + (r + 0.5) / factor - 0.5``;
+    beyond the outermost block centres the value is held constant.
+    """
+    c = np.moveaxis(coarse, axis, 0)
+    n_c = c.shape[0]
+    cp = np.concatenate([c[:1], c, c[-1:]], axis=0)  # edge padding
+    out = np.empty((n_c, factor) + c.shape[1:], dtype=coarse.dtype)
+    for r in range(factor):
+        t = (r + 0.5) / factor - 0.5
+        if t < 0:  # between blocks j - 1 and j
+            out[:, r] = cp[:n_c] * np.float32(-t) + cp[1 : n_c + 1] * np.float32(1 + t)
+        else:  # between blocks j and j + 1
+            out[:, r] = cp[1 : n_c + 1] * np.float32(1 - t) + cp[2:] * np.float32(t)
+    out = out.reshape((n_c * factor,) + c.shape[1:])[:n]
+    return np.moveaxis(out, 0, axis)
 
 
 def _smooth_complex(z: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
     """Approximately Gaussian smoothing (sigma in voxels per axis) of a complex volume.
 
     Zero-valued voxels carry no weight, so the phase of the result is a weighted average of
-    the phase of ``z`` (weights ``|z|``). Wide kernels (sigma >= 4 voxels) run on a grid
-    coarsened by block averaging (blocks of about sigma / 2 voxels), then interpolated back
-    linearly; the coarse kernel is narrowed so that box + Gaussian + linear interpolation have
-    the requested variance (box f^2/12, interpolation f^2/6 along an axis with block size f).
+    the phase of ``z`` (weights ``|z|``). Kernels of 4 voxels or more run on a grid coarsened
+    by block averaging (blocks of ``floor(sigma / 2)`` voxels), interpolated back linearly;
+    the coarse kernel is narrowed so that box, Gaussian and linear interpolation together
+    have the requested variance (box ``f^2 / 12`` and interpolation ``f^2 / 6`` for blocks of
+    ``f`` voxels).
     """
-    factors = [max(1, int(s // 2)) for s in sigma_vox]
-    if all(f == 1 for f in factors):
-        if not np.any(sigma_vox > 0):
-            return z
-        out = np.empty_like(z)
-        out.real = ndimage.gaussian_filter(z.real, sigma_vox, mode="constant", truncate=3.0)
-        out.imag = ndimage.gaussian_filter(z.imag, sigma_vox, mode="constant", truncate=3.0)
-        return out
-    shape = z.shape
-    padded = [-(-n // f) * f for n, f in zip(shape, factors, strict=True)]
-    if list(padded) != list(shape):
-        zp = np.zeros(padded, dtype=z.dtype)
-        zp[: shape[0], : shape[1], : shape[2]] = z
-    else:
-        zp = z
-    blocks = zp.reshape(
-        padded[0] // factors[0], factors[0],
-        padded[1] // factors[1], factors[1],
-        padded[2] // factors[2], factors[2],
-    )  # fmt: skip
-    coarse = blocks.mean(axis=(1, 3, 5), dtype=np.complex64)
-    del zp, blocks
+    factors = _block_factors(sigma_vox)
+    coarse = _block_mean(z, factors)
+    return _finish_smoothing(coarse, sigma_vox, factors, z.shape)
+
+
+def _finish_smoothing(coarse, sigma_vox, factors, shape) -> np.ndarray:
+    """Gaussian smoothing of block means, then interpolation back to ``shape``."""
     f = np.asarray(factors, dtype=np.float64)
-    sigma_c = np.sqrt(np.maximum(sigma_vox**2 - f**2 / 4, 0)) / f
+    sigma_c = np.sqrt(np.maximum(sigma_vox**2 - np.where(f > 1, f**2 / 4, 0), 0)) / f
     sm = np.empty_like(coarse)
-    sm.real = ndimage.gaussian_filter(coarse.real, sigma_c, mode="constant", truncate=3.0)
-    sm.imag = ndimage.gaussian_filter(coarse.imag, sigma_c, mode="constant", truncate=3.0)
-    up = _upsample_linear(sm, factors, padded)
-    return up[: shape[0], : shape[1], : shape[2]]
+    if np.any(sigma_c > 0):
+        sm.real = ndimage.gaussian_filter(coarse.real, sigma_c, mode="constant", truncate=3.0)
+        sm.imag = ndimage.gaussian_filter(coarse.imag, sigma_c, mode="constant", truncate=3.0)
+    else:
+        sm[...] = coarse
+    for axis in range(3):
+        if factors[axis] > 1:
+            sm = _upsample_axis(sm, factors[axis], shape[axis], axis)
+    return sm
 
 
 def _smoothed_offsets(
-    raw_offset,
+    raw_offsets,
     mag: np.ndarray,
     sel: np.ndarray | None,
     sigma_vox: np.ndarray,
-    n_coils: int,
     n_threads: int,
 ) -> np.ndarray:
     """Smooth each channel's offset as the complex field ``|S_c(TE1)| exp(i theta_c)``.
 
-    ``raw_offset(c)`` returns the channel's unsmoothed offset (x, y, z), radians.
+    ``raw_offsets(sl)`` returns the unsmoothed offsets (rad) of all channels for the slab
+    ``sl`` of the first axis, shape (n, y, z, coil). The weighted phasors are built and
+    block-summed slab by slab (contiguous reads); each channel is then smoothed on its own.
     """
-    shape = mag.shape[:3]
-    out = np.empty(shape + (n_coils,), dtype=np.float32)
+    nx, ny, nz, _, n_coils = mag.shape
+    factors = _block_factors(sigma_vox)
+    coarse_shape = tuple(-(-n // f) for n, f in zip((nx, ny, nz), factors, strict=True))
+    coarse = np.empty(coarse_shape + (n_coils,), dtype=np.complex64)
+    f0 = factors[0]
 
-    def one(c: int) -> None:
-        theta = raw_offset(c)
-        w = np.asarray(mag[..., 0, c], dtype=np.float32)
+    def build(sl: slice) -> None:
+        theta = raw_offsets(sl)
+        w = np.asarray(mag[sl, :, :, 0, :], dtype=np.float32)
         if sel is not None:
-            w = np.where(sel, w, np.float32(0))
-        z = np.empty(shape, dtype=np.complex64)
+            w = w * sel[sl][..., None]
+        z = np.empty(theta.shape, dtype=np.complex64)
         z.real = w * np.cos(theta)
         z.imag = w * np.sin(theta)
         del theta, w
-        z = _smooth_complex(z, sigma_vox)
+        coarse[sl.start // f0 : -(-sl.stop // f0)] = _block_mean(z, factors)
+
+    _run(build, _slabs(nx, ny * nz * n_coils, f0), n_threads)
+    out = np.empty((nx, ny, nz, n_coils), dtype=np.float32)
+
+    def smooth(c: int) -> None:
+        z = _finish_smoothing(
+            np.ascontiguousarray(coarse[..., c]), sigma_vox, factors, (nx, ny, nz)
+        )
         out[..., c] = np.arctan2(z.imag, z.real)
 
-    if n_threads > 1 and n_coils > 1:
-        with ThreadPoolExecutor(max_workers=min(n_threads, n_coils)) as pool:
-            list(pool.map(one, range(n_coils)))
-    else:
-        for c in range(n_coils):
-            one(c)
+    _run(smooth, list(range(n_coils)), n_threads)
     return out
 
 
@@ -203,27 +234,20 @@ def _combine(
     sensitivity-matched sum, SNR-optimal for channels of equal noise); the magnitude is the
     root sum of squares.
     """
-    nx, ny, nz, n_echo, _ = phase.shape
+    nx, ny, nz, n_echo, n_coils = phase.shape
     out_mag = np.empty((nx, ny, nz, n_echo), dtype=np.float32)
     out_phase = np.empty((nx, ny, nz, n_echo), dtype=np.float32)
-    per_x = ny * nz * n_echo * phase.shape[4]
 
     def one(sl: slice) -> None:
         m = np.asarray(mag[sl], dtype=np.float32)
         arg = np.asarray(phase[sl], dtype=np.float32) - offsets[sl][..., None, :]
         w = m * m
-        re = (w * np.cos(arg)).sum(axis=-1)
-        im = (w * np.sin(arg)).sum(axis=-1)
+        re = np.einsum("...c,...c->...", w, np.cos(arg))
+        im = np.einsum("...c,...c->...", w, np.sin(arg))
         out_phase[sl] = np.arctan2(im, re)
         out_mag[sl] = np.sqrt(w.sum(axis=-1))
 
-    slabs = _slabs(nx, per_x)
-    if n_threads > 1 and len(slabs) > 1:
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            list(pool.map(one, slabs))
-    else:
-        for sl in slabs:
-            one(sl)
+    _run(one, _slabs(nx, ny * nz * n_echo * n_coils), n_threads)
     return out_mag, out_phase
 
 
@@ -300,9 +324,12 @@ def mcpc3ds(
 
     Smoothing with ``sigma`` of 4 voxels or more is done on a grid coarsened by block averages
     of ``floor(sigma / 2)`` voxels and interpolated back linearly, with a narrower Gaussian so
-    the total width matches (an approximation of the Gaussian that is exact for the linear
-    phase variation of typical coil offsets and much faster). Peak memory beyond the inputs
-    and outputs is about 10 float32 volumes per thread.
+    the total width matches (within a few percent of the exact Gaussian, and much faster).
+    The channels are processed in slabs of the first axis, so the working memory stays small:
+    for 200 x 200 x 160 voxels, 4 echoes and 8 channels (1.6 GB of float32 input), 0.2 GB
+    beyond the 0.4 GB of outputs, and about 6 s with 2 threads (8 s with 1). With ``sigma``
+    below 4 voxels the weighted phasors of all channels are held at full resolution
+    (8 bytes per voxel and channel).
 
     References
     ----------
@@ -322,8 +349,8 @@ def mcpc3ds(
     for sl in _slabs(nx, ny * nz * n_coils):
         m = np.asarray(mag[sl, :, :, 0], dtype=np.float32) * mag[sl, :, :, 1]
         d = np.asarray(ph[sl, :, :, 1], dtype=np.float32) - ph[sl, :, :, 0]
-        hip_re[sl] = (m * np.cos(d)).sum(axis=-1)
-        hip_im[sl] = (m * np.sin(d)).sum(axis=-1)
+        hip_re[sl] = np.einsum("...c,...c->...", m, np.cos(d))
+        hip_im[sl] = np.einsum("...c,...c->...", m, np.sin(d))
     dphi = np.arctan2(hip_im, hip_re)
     del hip_re, hip_im
     # theta_c = phi_c(TE1) - k * dphi_true with k = TE1 / (TE2 - TE1). Split k = n + f with n the
@@ -341,10 +368,10 @@ def mcpc3ds(
         common += np.float32(f) * dphi
     del dphi
 
-    def raw_offset(c: int) -> np.ndarray:
-        return np.asarray(ph[..., 0, c], dtype=np.float32) - common
+    def raw_offsets(sl: slice) -> np.ndarray:
+        return np.asarray(ph[sl, :, :, 0, :], dtype=np.float32) - common[sl][..., None]
 
-    offsets = _smoothed_offsets(raw_offset, mag, sel, sigma_vox, n_coils, n_threads)
+    offsets = _smoothed_offsets(raw_offsets, mag, sel, sigma_vox, n_threads)
     out_mag, out_phase = _combine(mag, ph, offsets, n_threads)
     return CoilCombination(out_mag, out_phase, offsets)
 
@@ -413,10 +440,10 @@ def aspire(
         )
     n_threads = max(1, int(n_threads))
 
-    def raw_offset(c: int) -> np.ndarray:
-        p1 = np.asarray(ph[..., 0, c], dtype=np.float32)
-        return 2 * p1 - ph[..., 1, c]
+    def raw_offsets(sl: slice) -> np.ndarray:
+        p1 = np.asarray(ph[sl, :, :, 0, :], dtype=np.float32)
+        return 2 * p1 - ph[sl, :, :, 1, :]
 
-    offsets = _smoothed_offsets(raw_offset, mag, sel, sigma_vox, ph.shape[4], n_threads)
+    offsets = _smoothed_offsets(raw_offsets, mag, sel, sigma_vox, n_threads)
     out_mag, out_phase = _combine(mag, ph, offsets, n_threads)
     return CoilCombination(out_mag, out_phase, offsets)
