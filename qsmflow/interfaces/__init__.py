@@ -3,11 +3,12 @@
 from .background import BackgroundRemoval
 from .inversion import DipoleInversion, ReferenceSusceptibility
 from .masking import BrainMask
-from .phase import EchoCombination, PhaseUnwrap
+from .phase import CoilCombination, EchoCombination, PhaseUnwrap
 
 __all__ = [
     "BackgroundRemoval",
     "BrainMask",
+    "CoilCombination",
     "DipoleInversion",
     "EchoCombination",
     "PhaseUnwrap",

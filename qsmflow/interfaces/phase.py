@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
 )
 
 from ..algorithms import unwrap
-from ..algorithms.echoes import fit_field
+from ..algorithms.echoes import aspire, fit_field, mcpc3ds, r2star_loglinear
 from ..io.nifti import load_echoes, load_nifti, save_nifti, voxel_sizes
 from ._common import ThreadedInputSpec, first_file, output_path
 
@@ -139,7 +139,8 @@ class _EchoCombinationOutputSpec(TraitedSpec):
     out_field_ppm = File(exists=True, desc="total field in ppm of B0")
     out_phase_offset = File(exists=True, desc="echo-independent phase offset in radians")
     out_residual = File(exists=True, desc="weighted RMS fit residual in radians (reliability)")
-    out_r2star = File(exists=True, desc="R2* in Hz (1/s) from the magnitudes")
+    out_field_sd = File(exists=True, desc="predicted noise SD of the field in ppm (reliability)")
+    out_r2star = File(exists=True, desc="R2* in Hz (1/s) from the magnitudes (log-linear fit)")
 
 
 class EchoCombination(SimpleInterface):
@@ -173,13 +174,14 @@ class EchoCombination(SimpleInterface):
             mask=mask,
             weighting=self.inputs.weighting,
         )
-        r2s = _r2star(mag, tes, mask)
+        r2s = r2star_loglinear(mag, tes, mask=mask)
         src = first_file(self.inputs.in_phase)
         outs = {
             "out_field": (fit.field_hz, "fieldmap"),
             "out_field_ppm": (fit.field_ppm, "fieldppm"),
             "out_phase_offset": (fit.phase_offset_rad, "phaseoffset"),
             "out_residual": (fit.residual_rad, "residual"),
+            "out_field_sd": (fit.field_sd_ppm, "fieldsd"),
             "out_r2star": (r2s, "R2starmap"),
         }
         for key, (data, suffix) in outs.items():
@@ -189,10 +191,84 @@ class EchoCombination(SimpleInterface):
         return runtime
 
 
-def _r2star(mag: np.ndarray, tes: list[float], mask) -> np.ndarray:
-    from ..algorithms.echoes import relaxation
-
-    return relaxation.r2star_loglinear(mag, tes, mask=mask)
+__all__ = ["CoilCombination", "EchoCombination", "PhaseUnwrap"]
 
 
-__all__ = ["PhaseUnwrap", "EchoCombination"]
+class _CoilCombinationInputSpec(ThreadedInputSpec):
+    in_phase = InputMultiObject(
+        File(exists=True),
+        mandatory=True,
+        desc="uncombined phase in radians, one 4-D NIfTI per echo (receive coils along axis 4)",
+    )
+    in_magnitude = InputMultiObject(
+        File(exists=True), mandatory=True, desc="uncombined magnitudes matching in_phase"
+    )
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times in seconds")
+    method = traits.Enum(
+        "mcpc3ds",
+        "aspire",
+        usedefault=True,
+        desc="MCPC-3D-S (any TEs) or ASPIRE (TE2 = 2 TE1); Eckstein et al. 2018",
+    )
+    sigma_mm = traits.Float(4.0, usedefault=True, desc="smoothing of the coil phase offsets, mm")
+    in_mask = File(exists=True, desc="optional mask for the offset smoothing weights")
+
+
+class _CoilCombinationOutputSpec(TraitedSpec):
+    out_phase = File(exists=True, desc="combined phase in radians, 4-D (echoes)")
+    out_magnitude = File(exists=True, desc="combined (root-sum-of-squares) magnitude, 4-D")
+    out_phase_offsets = File(exists=True, desc="per-coil phase offsets in radians, 4-D (coils)")
+
+
+class CoilCombination(SimpleInterface):
+    """Combine uncombined receive channels with coil phase-offset removal (MCPC-3D-S/ASPIRE)."""
+
+    input_spec = _CoilCombinationInputSpec
+    output_spec = _CoilCombinationOutputSpec
+
+    def _run_interface(self, runtime):
+        phases, mags, ref = [], [], None
+        for p_file, m_file in zip(self.inputs.in_phase, self.inputs.in_magnitude, strict=False):
+            p, img = load_echoes(p_file, what="phase")
+            m, _ = load_echoes(m_file, what="magnitude")
+            if m.shape != p.shape:
+                raise ValueError(f"{m_file}: shape {m.shape} differs from {p_file} {p.shape}")
+            if ref is not None and (
+                p.shape != phases[0].shape or not np.allclose(img.affine, ref.affine, atol=1e-4)
+            ):
+                raise ValueError(f"{p_file}: grid or coil count differs from the first echo")
+            ref = ref or img
+            phases.append(p)
+            mags.append(m)
+        if len(phases) != len(self.inputs.in_magnitude):
+            raise ValueError("in_phase and in_magnitude need one file per echo each")
+        tes = _check_echo_times(self.inputs.echo_times, len(phases))
+        if len(tes) < 2:
+            raise ValueError("coil combination needs at least two echoes")
+        phase = np.stack(phases, axis=3)  # (x, y, z, echo, coil)
+        mag = np.stack(mags, axis=3)
+        mask = (
+            load_nifti(self.inputs.in_mask, dtype=bool)[0]
+            if isdefined(self.inputs.in_mask)
+            else None
+        )
+        func = mcpc3ds if self.inputs.method == "mcpc3ds" else aspire
+        res = func(
+            mag,
+            phase,
+            tes,
+            voxel_sizes(ref.affine),
+            sigma_mm=self.inputs.sigma_mm,
+            mask=mask,
+            n_threads=self.inputs.num_threads,
+        )
+        src = first_file(self.inputs.in_phase)
+        for key, data, suffix in (
+            ("out_phase", res.phase_rad, "combinedphase"),
+            ("out_magnitude", res.magnitude, "combinedmag"),
+            ("out_phase_offsets", res.phase_offsets_rad, "coiloffsets"),
+        ):
+            path = output_path(runtime.cwd, src, suffix)
+            save_nifti(data, ref.affine, path, header=ref.header)
+            self._results[key] = path
+        return runtime
