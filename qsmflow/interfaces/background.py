@@ -43,7 +43,7 @@ class _BackgroundRemovalInputSpec(ThreadedInputSpec):
     regularization = traits.Float(desc="Tikhonov weight lambda (resharp)")
     tol = traits.Float(desc="relative convergence tolerance (ismv, pdf, lbv)")
     max_iter = traits.Int(desc="maximum iterations (ismv, pdf) or multigrid cycles (lbv)")
-    peel = traits.Float(desc="boundary layers to discard, mm (lbv)")
+    peel = traits.Int(desc="extra boundary voxel layers to discard (lbv)")
 
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):

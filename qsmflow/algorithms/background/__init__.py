@@ -8,6 +8,18 @@ Modules: :mod:`.smv` (spherical-mean-value methods: SHARP, V-SHARP, RESHARP, iSM
 :mod:`.pdf` (projection onto dipole fields), :mod:`.lbv` (Laplacian boundary value).
 """
 
-from .smv import default_radii_mm, sharp, smv_kernel, vsharp
+from .lbv import lbv, lbv_interior
+from .pdf import pdf
+from .smv import default_radii_mm, ismv, resharp, sharp, smv_kernel, vsharp
 
-__all__ = ["default_radii_mm", "sharp", "smv_kernel", "vsharp"]
+__all__ = [
+    "default_radii_mm",
+    "ismv",
+    "lbv",
+    "lbv_interior",
+    "pdf",
+    "resharp",
+    "sharp",
+    "smv_kernel",
+    "vsharp",
+]
