@@ -19,12 +19,12 @@ def demo_run(tmp_path_factory):
 def test_demo_scores_are_sane(demo_run, capsys):
     scores = json.loads((demo_run / "scores.json").read_text())
     chi = scores["chi"]
-    # measured at 2 mm: correlation 0.65, DGM linearity 0.004, Dice 0.915, deep grey NRMSE 58 %
+    # measured at 2 mm: correlation 0.63, DGM linearity 0.06, Dice 0.914, deep grey NRMSE 42 %
     assert chi["correlation"] > 0.5
     assert chi["dgm_linearity"] < 0.2
-    assert chi["nrmse_dgm"] < 75
+    assert chi["nrmse_dgm"] < 60
     assert scores["brain_mask_dice"] > 0.88
-    assert chi["coverage"] > 0.95
+    assert chi["coverage"] > 0.8  # V-SHARP erodes 6 mm: measured 0.87
     assert set(scores["timings_s"]) >= {"brain mask (BET)", "inversion (TKD)"}
 
 
