@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.fft
 
-from .dipole import dipole_kernel
-from .fft import crop_centered, pad_centered, padded_shape
+from ..dipole import dipole_kernel
+from ..fft import crop_centered, pad_centered, padded_shape
+from ._common import check_inversion_inputs
 
 __all__ = ["tkd_inverse_kernel", "tkd"]
 
@@ -81,12 +82,7 @@ def tkd(
     quantitative susceptibility maps: superfast dipole inversion. Magn Reson Med
     2013;69:1582-1594.
     """
-    field = np.asarray(local_field_ppm, dtype=np.float32)
-    roi = np.asarray(mask, dtype=bool)
-    if field.ndim != 3:
-        raise ValueError(f"field must be a 3-D array, got shape {field.shape}")
-    if roi.shape != field.shape:
-        raise ValueError(f"mask shape {roi.shape} differs from field shape {field.shape}")
+    field, roi = check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     big = padded_shape(field.shape, pad_factor=pad_factor)
     kernel = dipole_kernel(big, voxel_size_mm, b0_dir, real=True)
     inv = tkd_inverse_kernel(kernel, threshold)
