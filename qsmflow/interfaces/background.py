@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined, traits
 
+from .. import GAMMA_BAR_MHZ_PER_T
 from ..algorithms import background
 from ..io.nifti import load_nifti, save_nifti, voxel_sizes
 from ._common import ThreadedInputSpec, b0_direction, field_to_ppm, output_path
@@ -23,7 +25,9 @@ METHODS: dict[str, tuple[str, bool, dict[str, str]]] = {
 class _BackgroundRemovalInputSpec(ThreadedInputSpec):
     in_field = File(exists=True, mandatory=True, desc="total field map (NIfTI), ppm or Hz")
     field_units = traits.Enum("ppm", "Hz", usedefault=True, desc="units of in_field")
-    b0_tesla = traits.Float(desc="main field strength in Tesla (needed when field_units='Hz')")
+    b0_tesla = traits.Float(
+        desc="main field strength in Tesla (needed when field_units='Hz'; adds out_field_hz)"
+    )
     in_mask = File(exists=True, mandatory=True, desc="brain mask (NIfTI)")
     method = traits.Enum(
         "vsharp",
@@ -48,6 +52,7 @@ class _BackgroundRemovalInputSpec(ThreadedInputSpec):
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
     out_field = File(exists=True, desc="local field in ppm")
+    out_field_hz = File(desc="local field in Hz (BIDS _fieldmap); written when b0_tesla is set")
     out_mask = File(exists=True, desc="mask where the local field is valid (eroded as implied)")
 
 
@@ -81,4 +86,10 @@ class BackgroundRemoval(SimpleInterface):
         self._results["out_mask"] = output_path(runtime.cwd, self.inputs.in_field, "localmask")
         save_nifti(local, img.affine, self._results["out_field"], header=img.header)
         save_nifti(valid, img.affine, self._results["out_mask"])
+        if isdefined(self.inputs.b0_tesla):
+            self._results["out_field_hz"] = output_path(
+                runtime.cwd, self.inputs.in_field, "localHz"
+            )
+            hz = local * np.float32(GAMMA_BAR_MHZ_PER_T * self.inputs.b0_tesla)
+            save_nifti(hz, img.affine, self._results["out_field_hz"], header=img.header)
         return runtime

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .nifti import atomic_path, write_json
 
-__all__ = ["ENTITY_ORDER", "bids_path", "write_dataset_description", "write_tsv", "BIDS_VERSION"]
+__all__ = [
+    "BIDS_VERSION",
+    "ENTITY_ORDER",
+    "Acquisition",
+    "bids_path",
+    "collect_acquisitions",
+    "write_dataset_description",
+    "write_tsv",
+]
 
 BIDS_VERSION = "1.10.0"
 
@@ -133,3 +142,134 @@ def write_tsv(rows: list[Mapping[str, Any]], path: str | Path, columns: list[str
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+@dataclass
+class Acquisition:
+    """One multi-echo GRE acquisition found in a BIDS dataset.
+
+    ``phase`` and ``magnitude`` are per-echo file paths sorted by echo; ``echo_times_s`` in
+    seconds; ``b0_tesla`` in Tesla; ``shape`` the image grid.
+    """
+
+    subject: str
+    session: str | None
+    acquisition: str | None
+    run: int | None
+    phase: list[str]
+    magnitude: list[str]
+    echo_times_s: list[float]
+    b0_tesla: float
+    shape: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        parts = [f"sub-{self.subject}"]
+        for key, val in (("ses", self.session), ("acq", self.acquisition), ("run", self.run)):
+            if val is not None:
+                parts.append(f"{key}-{val}")
+        return "_".join(parts)
+
+
+#: Default pybids query for the GRE phase images (users can override entries).
+DEFAULT_QUERY: dict[str, Any] = {
+    "datatype": "anat",
+    "suffix": ["MEGRE", "T2starw", "GRE"],
+    "extension": [".nii", ".nii.gz"],
+}
+
+
+def collect_acquisitions(
+    bids_dir: str | Path,
+    *,
+    participant_labels: list[str] | None = None,
+    session_labels: list[str] | None = None,
+    filters: Mapping[str, Any] | None = None,
+) -> tuple[list[Acquisition], dict[str, str]]:
+    """Find multi-echo GRE acquisitions with pybids; return them and per-subject problems.
+
+    A subject whose data are unusable (phase without magnitude, missing ``EchoTime`` or
+    ``MagneticFieldStrength``, echoes of different shapes) is reported in the second value,
+    ``{subject: message}``, and left out, so the other subjects still run.
+    """
+    import nibabel as nib
+    from bids import BIDSLayout
+
+    bids_dir = Path(bids_dir)
+    if not (bids_dir / "dataset_description.json").exists():
+        raise ValueError(
+            f"{bids_dir}: not a BIDS dataset (no dataset_description.json); point BIDS_DIR at "
+            "the dataset root"
+        )
+    layout = BIDSLayout(str(bids_dir), validate=False)
+    subjects = layout.get_subjects()
+    if participant_labels:
+        wanted = [p.removeprefix("sub-") for p in participant_labels]
+        missing = sorted(set(wanted) - set(subjects))
+        if missing:
+            raise ValueError(f"{bids_dir}: no data for participant(s) {', '.join(missing)}")
+        subjects = [s for s in subjects if s in wanted]
+    query = {**DEFAULT_QUERY, **dict(filters or {})}
+    acquisitions, problems = [], {}
+    for sub in subjects:
+        kwargs = dict(query, subject=sub)
+        if session_labels:
+            kwargs["session"] = session_labels
+        files = layout.get(**kwargs)
+        groups: dict[tuple, dict[str, list]] = {}
+        for f in files:
+            ents = f.get_entities()
+            part = ents.get("part")
+            if part not in ("mag", "phase"):
+                continue
+            key = (ents.get("session"), ents.get("acquisition"), ents.get("run"))
+            groups.setdefault(key, {"mag": [], "phase": []})[part].append(f)
+        try:
+            if not groups:
+                raise ValueError(f"sub-{sub}: no part-mag/part-phase GRE images found")
+            for (ses, acq, run), parts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                acquisitions.append(_make_acquisition(sub, ses, acq, run, parts, nib))
+        except ValueError as exc:
+            problems[sub] = str(exc)
+    return acquisitions, problems
+
+
+def _make_acquisition(sub, ses, acq, run, parts, nib) -> Acquisition:
+    def by_echo(files):
+        return sorted(files, key=lambda f: int(f.get_entities().get("echo", 1)))
+
+    phase, mag = by_echo(parts["phase"]), by_echo(parts["mag"])
+    where = phase[0].path if phase else mag[0].path
+    if not phase:
+        raise ValueError(f"{where}: magnitude without phase images; QSM needs part-phase files")
+    if len(mag) != len(phase):
+        raise ValueError(
+            f"{where}: {len(phase)} phase echo(es) but {len(mag)} magnitude echo(es); every "
+            "phase echo needs its magnitude"
+        )
+    tes, b0, shape = [], None, None
+    for f in phase:
+        meta = f.get_metadata()
+        if "EchoTime" not in meta:
+            raise ValueError(f"{f.path}: sidecar has no EchoTime (seconds); add it to the JSON")
+        if "MagneticFieldStrength" not in meta:
+            raise ValueError(
+                f"{f.path}: sidecar has no MagneticFieldStrength (Tesla); add it to the JSON"
+            )
+        tes.append(float(meta["EchoTime"]))
+        b0 = float(meta["MagneticFieldStrength"])
+        img_shape = nib.load(f.path).shape[:3]
+        if shape is not None and img_shape != shape:
+            raise ValueError(f"{f.path}: shape {img_shape} differs from echo 1 {shape}")
+        shape = img_shape
+    return Acquisition(
+        subject=sub,
+        session=ses,
+        acquisition=acq,
+        run=int(run) if run is not None else None,
+        phase=[f.path for f in phase],
+        magnitude=[f.path for f in mag],
+        echo_times_s=tes,
+        b0_tesla=b0,
+        shape=tuple(shape),
+    )

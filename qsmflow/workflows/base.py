@@ -1,0 +1,205 @@
+"""Dataset and subject workflows: one :func:`init_qsm_wf` per acquisition plus BIDS sinks."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nipype.pipeline import engine as pe
+
+from ..interfaces import DerivativesDataSink
+from ..io.bids import Acquisition
+from .qsm import init_qsm_wf
+
+_METHOD_TEXT = {
+    "vsharp": "V-SHARP (Wu et al. 2012)",
+    "sharp": "SHARP (Schweser et al. 2011)",
+    "resharp": "RESHARP (Sun & Wilman 2014)",
+    "ismv": "iSMV (Wen et al. 2014)",
+    "pdf": "PDF (Liu et al. 2011)",
+    "lbv": "LBV (Zhou et al. 2014)",
+    "tkd": "TKD (Shmueli et al. 2009), threshold 0.19, Schweser 2013 correction",
+    "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",
+    "laplacian": "Laplacian unwrapping (Schofield & Zhu 2003)",
+    "bet": "built-in BET (Smith 2002)",
+    "threshold": "Otsu threshold with hole filling",
+}
+
+
+def _sinks(pipeline: dict[str, Any]) -> list[tuple[str, str, str | None, str, dict]]:
+    """(qsm_wf output, suffix, desc, datatype, sidecar) for every derivative written."""
+    unwrap = _METHOD_TEXT[pipeline["unwrap_method"]]
+    return [
+        (
+            "chi",
+            "Chimap",
+            None,
+            "anat",
+            {
+                "Units": "ppm",
+                "Description": "Magnetic susceptibility",
+                "InversionMethod": _METHOD_TEXT[pipeline["inversion_method"]],
+                "BackgroundFieldRemoval": _METHOD_TEXT[pipeline["bfr_method"]],
+                "Reference": "mean over the background-removal mask",
+                "SkullStripped": True,
+            },
+        ),
+        (
+            "mask",
+            "mask",
+            "brain",
+            "anat",
+            {
+                "Type": "Brain",
+                "Description": "Brain mask",
+                "Method": _METHOD_TEXT[pipeline["mask_method"]],
+            },
+        ),
+        (
+            "local_mask",
+            "mask",
+            "local",
+            "anat",
+            {
+                "Type": "ROI",
+                "Description": "Region where the local field (and chi) is valid",
+            },
+        ),
+        (
+            "r2star",
+            "R2starmap",
+            None,
+            "anat",
+            {"Units": "Hz", "Description": "R2* (log-linear fit)"},
+        ),
+        (
+            "field_hz",
+            "fieldmap",
+            None,
+            "fmap",
+            {
+                "Units": "Hz",
+                "Description": "Total field",
+                "Method": f"{unwrap}; weighted linear fit over echo times",
+            },
+        ),
+        ("magnitude", "magnitude", None, "fmap", {"Description": "First-echo magnitude"}),
+        (
+            "local_field",
+            "fieldmap",
+            "local",
+            "fmap",
+            {
+                "Units": "Hz",
+                "Description": "Local field",
+                "Method": _METHOD_TEXT[pipeline["bfr_method"]],
+            },
+        ),
+        ("magnitude", "magnitude", "local", "fmap", {"Description": "First-echo magnitude"}),
+    ]
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", label)
+
+
+def init_subject_wf(
+    *,
+    acquisitions: Sequence[Acquisition],
+    output_dir: str | Path,
+    raw_root: str | Path,
+    pipeline: dict[str, Any],
+    n_threads: int = 1,
+    name: str | None = None,
+) -> pe.Workflow:
+    """All acquisitions of one subject, each reconstructed and written as BIDS derivatives.
+
+    Parameters
+    ----------
+    acquisitions : sequence of Acquisition
+        The subject's multi-echo GRE acquisitions (:func:`qsmflow.io.bids.collect_acquisitions`).
+    output_dir : path
+        Root of the derivatives dataset (``<out>/qsmflow``).
+    raw_root : path
+        Root of the raw BIDS dataset (for ``bids:raw:`` sources in the sidecars).
+    pipeline : dict
+        Validated pipeline options (:mod:`qsmflow.workflows.pipelines`).
+    n_threads : int
+        Threads per node.
+    """
+    if not acquisitions:
+        raise ValueError("init_subject_wf needs at least one acquisition")
+    subject = acquisitions[0].subject
+    wf = pe.Workflow(name=name or f"sub_{_safe(subject)}_wf")
+    for acq in acquisitions:
+        tag = _safe(acq.label.removeprefix(f"sub-{subject}").strip("_")) or "main"
+        qsm = init_qsm_wf(
+            n_voxels=math.prod(acq.shape),
+            n_echoes=len(acq.phase),
+            mask_method=pipeline["mask_method"],
+            bet_frac=pipeline["bet_frac"],
+            unwrap_method=pipeline["unwrap_method"],
+            unwrap_mode=pipeline["unwrap_mode"],
+            bfr_method=pipeline["bfr_method"],
+            inversion_method=pipeline["inversion_method"],
+            n_threads=n_threads,
+            name=f"qsm_{tag}_wf",
+        )
+        qsm.inputs.inputnode.phase = list(acq.phase)
+        qsm.inputs.inputnode.magnitude = list(acq.magnitude)
+        qsm.inputs.inputnode.echo_times = list(acq.echo_times_s)
+        qsm.inputs.inputnode.b0_tesla = acq.b0_tesla
+        qsm.get_node("background").inputs.b0_tesla = acq.b0_tesla
+        common = {"MagneticFieldStrength": acq.b0_tesla, "EchoTime": list(acq.echo_times_s)}
+        for field, suffix, desc, datatype, meta in _sinks(pipeline):
+            sink = pe.Node(
+                DerivativesDataSink(
+                    base_directory=str(output_dir),
+                    source_file=acq.phase[0],
+                    raw_root=str(raw_root),
+                    suffix=suffix,
+                    datatype=datatype,
+                    metadata={**common, **meta},
+                    **({"desc": desc} if desc else {}),
+                ),
+                name=f"ds_{tag}_{suffix}_{desc or 'main'}",
+                run_without_submitting=True,
+                mem_gb=0.1,
+            )
+            # the local field is sunk in Hz (BIDS fieldmap units) straight from the BFR node
+            src = "background.out_field_hz" if field == "local_field" else f"outputnode.{field}"
+            wf.connect(qsm, src, sink, "in_file")
+    return wf
+
+
+def init_qsmflow_wf(
+    *,
+    acquisitions: Sequence[Acquisition],
+    output_dir: str | Path,
+    raw_root: str | Path,
+    pipeline: dict[str, Any],
+    n_threads: int = 1,
+    name: str = "qsmflow_wf",
+) -> pe.Workflow:
+    """The dataset: one :func:`init_subject_wf` per subject (independent, so they run in
+    parallel under MultiProc or as separate jobs under SLURM)."""
+    wf = pe.Workflow(name=name)
+    by_subject: dict[str, list[Acquisition]] = {}
+    for acq in acquisitions:
+        by_subject.setdefault(acq.subject, []).append(acq)
+    for _, acqs in sorted(by_subject.items()):
+        wf.add_nodes(
+            [
+                init_subject_wf(
+                    acquisitions=acqs,
+                    output_dir=output_dir,
+                    raw_root=raw_root,
+                    pipeline=pipeline,
+                    n_threads=n_threads,
+                )
+            ]
+        )
+    return wf
