@@ -158,6 +158,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         out_root / "qsmflow-command.json",
     )
 
+    from ..workflows.citations import citations_for
+
+    (out_root / "qsmflow-citations.md").write_text(
+        "# Methods used by this qsmflow run\n\n"
+        + "\n".join(f"- {c}" for c in citations_for(pipeline))
+        + "\n"
+    )
     wf = init_qsmflow_wf(
         acquisitions=acquisitions,
         output_dir=deriv,
@@ -174,6 +181,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         plugin_args = {"n_procs": args.nprocs, "raise_insufficient": False}
         if args.mem_gb:
             plugin_args["memory_gb"] = args.mem_gb
+    plugin_args["status_callback"] = _progress(wf)
     start = time.perf_counter()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
@@ -185,6 +193,24 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
     print(f"qsmflow: finished in {time.perf_counter() - start:.0f} s; outputs in {deriv}")
     return 0
+
+
+def _progress(wf):
+    """A Nipype status callback printing one line per finished step: ``[done/total] node``."""
+    # identity nodes are bypassed at run time and report no status
+    total = sum(
+        1 for n in wf._create_flat_graph().nodes() if n.name not in ("inputnode", "outputnode")
+    )
+    done = {"n": 0}
+
+    def callback(node, status):
+        if status == "end":
+            done["n"] += 1
+            print(f"[{done['n']}/{total}] {node.fullname}", file=sys.stderr, flush=True)
+        elif status == "exception":
+            print(f"[failed] {node.fullname}", file=sys.stderr, flush=True)
+
+    return callback
 
 
 if __name__ == "__main__":

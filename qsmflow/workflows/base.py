@@ -166,7 +166,6 @@ def init_subject_wf(
                     **({"desc": desc} if desc else {}),
                 ),
                 name=f"ds_{tag}_{suffix}_{desc or 'main'}",
-                run_without_submitting=True,
                 mem_gb=0.1,
             )
             # the local field is sunk in Hz (BIDS fieldmap units) straight from the BFR node

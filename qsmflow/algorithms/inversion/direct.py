@@ -32,7 +32,10 @@ __all__ = [
 ]
 
 #: Default Tikhonov weights at 1 mm isotropic (see :func:`tikhonov` for the voxel-size scaling).
-TIKHONOV_LAMBDA: dict[str, float] = {"identity": 0.0, "gradient": 0.0}
+TIKHONOV_LAMBDA: dict[str, float] = {"identity": 0.01, "gradient": 0.004}
+# The gradient weight grows linearly with the voxel size (measured optimum at a fixed
+# per-voxel field noise: 0.004 mm^2 at 1 mm, 0.0085 mm^2 at 2 mm).
+_GRADIENT_LAMBDA_POWER = 1.0
 
 
 def tkd_inverse_kernel(kernel: np.ndarray, threshold: float) -> np.ndarray:
@@ -254,9 +257,7 @@ def _default_lambda(regularization: str, voxel_size_mm: Sequence[float]) -> floa
     return TIKHONOV_LAMBDA["gradient"] * d**_GRADIENT_LAMBDA_POWER
 
 
-def tikhonov_filter(
-    kernel: np.ndarray, penalty: np.ndarray | float, lambda_: float
-) -> np.ndarray:
+def tikhonov_filter(kernel: np.ndarray, penalty: np.ndarray | float, lambda_: float) -> np.ndarray:
     """Tikhonov inverse filter ``D / (D^2 + lambda_ * R)`` (0 where the denominator is 0).
 
     Parameters
@@ -433,7 +434,9 @@ def tikhonov(
         lambda_ = _default_lambda(regularization, voxel_size_mm)
     elif isinstance(lambda_, str):
         if lambda_ not in ("lcurve", "discrepancy"):
-            raise ValueError(f"lambda_ must be a number, 'lcurve' or 'discrepancy', got {lambda_!r}")
+            raise ValueError(
+                f"lambda_ must be a number, 'lcurve' or 'discrepancy', got {lambda_!r}"
+            )
         lambda_ = tikhonov_lambda(
             field,
             roi,

@@ -308,7 +308,14 @@ def _admm(
         uy_in = r - y_in
         if update < tol:
             break
-    state.chi, state.dchi, state.u, state.zu, state.y_in, state.uy_in = chi, dchi, u, zu, y_in, uy_in
+    state.chi, state.dchi, state.u, state.zu, state.y_in, state.uy_in = (
+        chi,
+        dchi,
+        u,
+        zu,
+        y_in,
+        uy_in,
+    )
     state.info = {"iterations": it, "update": update}
     return state
 
