@@ -48,6 +48,10 @@ MATRIX_1MM = (176, 208, 160)
 MATRIX_2MM = (88, 104, 80)
 ISO_1MM = (1.0, 1.0, 1.0)
 ISO_2MM = (2.0, 2.0, 2.0)
+#: Grid of the phase-processing rows (unwrapping, field fit, coil combination), as in the issue
+#: that set their targets: 200 x 200 x 160 at 1 mm, 4 echoes, 2 cores.
+MATRIX_PHASE_1MM = (200, 200, 160)
+MATRIX_PHASE_2MM = (100, 100, 80)
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
@@ -87,16 +91,20 @@ class Benchmark:
 
 
 # ------------------------------------------------------------------------------ shared inputs
-def simulated_head(bench: Benchmark, fields: Sequence[str] = ("chi_ppm", "mask")) -> dict:
+def simulated_head(
+    bench: Benchmark, fields: Sequence[str] = ("chi_ppm", "mask"), **params: Any
+) -> dict:
     """Arrays of one simulated acquisition of head model 0 on ``bench``'s grid.
 
     Returns ``fields`` of :class:`qsmflow.simulate.SimulatedAcquisition` plus ``b0_dir`` and
     ``voxel_mm``. Reusable by rows of later steps (``fields=("local_field_ppm", ...)``).
+    ``params`` overrides other :class:`qsmflow.simulate.AcquisitionParams` fields (``n_coils``,
+    ``snr``, ...); the noise comes from ``numpy.random.default_rng(0)``.
     """
     from qsmflow.phantom import make_head_model
     from qsmflow.simulate import AcquisitionParams, simulate_acquisition
 
-    params = AcquisitionParams(matrix=bench.matrix, voxel_size_mm=bench.voxel_mm)
+    params = AcquisitionParams(matrix=bench.matrix, voxel_size_mm=bench.voxel_mm, **params)
     sim = simulate_acquisition(make_head_model(0), params, n_threads=os.cpu_count() or 1)
     out = {name: getattr(sim, name) for name in fields}
     out.update(b0_dir=tuple(float(v) for v in sim.b0_dir), voxel_mm=bench.voxel_mm)
@@ -294,6 +302,35 @@ def unwrap_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
     return lambda: _fit(laplacian_unwrap_echo_differences(phase, vox, n_threads=n_threads), inputs)
 
 
+def _noise_free_phase(truth: dict, echo_times_s: Sequence[float], b0_tesla: float) -> Any:
+    """The simulator's phase without noise and unwrapped, (x, y, z, echo) float32.
+
+    ``phase_offset + 2 pi gamma_bar B0 TE total_field`` from the ground truth's
+    ``phase_offset_rad`` (x, y, z) and ``total_field_ppm``.
+    """
+    import numpy as np
+
+    from qsmflow import GAMMA_BAR_MHZ_PER_T
+
+    rad_per_ppm = np.float32(2 * np.pi * GAMMA_BAR_MHZ_PER_T * b0_tesla)
+    tes = np.asarray(echo_times_s, dtype=np.float32)
+    return truth["phase_offset_rad"][..., None] + rad_per_ppm * (
+        truth["total_field_ppm"][..., None] * tes
+    )
+
+
+def _nearest_branch(wrapped: Any, reference: Any) -> Any:
+    """``wrapped`` plus the multiples of 2 pi that bring it closest to ``reference``.
+
+    With ``reference`` the noise-free unwrapped phase, this is the measured (noisy) phase
+    unwrapped perfectly: what an ideal unwrapper would return.
+    """
+    import numpy as np
+
+    two_pi = np.float32(2 * np.pi)
+    return wrapped + two_pi * np.round((reference - wrapped) / two_pi)
+
+
 def unwrap_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
     """Local-field NRMSE after V-SHARP of the fitted field, and of a perfectly unwrapped one.
 
@@ -303,9 +340,6 @@ def unwrap_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
     the measured phase unwrapped perfectly, with the 2 pi multiples of the noise-free phase
     ``phase_offset + 2 pi gamma_bar B0 TE total_field``: what V-SHARP and noise alone leave.
     """
-    import numpy as np
-
-    from qsmflow import GAMMA_BAR_MHZ_PER_T
     from qsmflow.algorithms.background import vsharp
     from qsmflow.algorithms.metrics import nrmse_demeaned
 
@@ -316,17 +350,276 @@ def unwrap_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
         local, kept = vsharp(field, mask, vox, radii_mm=UNWRAP_CHECK_RADII_MM)
         return nrmse_demeaned(local, truth["local_field_ppm"], kept)
 
-    rad_per_ppm = 2 * np.pi * GAMMA_BAR_MHZ_PER_T * inputs["b0_tesla"]
-    tes = np.asarray(inputs["echo_times_s"], dtype=np.float32)
-    noise_free = truth["phase_offset_rad"][..., None] + np.float32(rad_per_ppm) * (
-        truth["total_field_ppm"][..., None] * tes
-    )
-    wrapped = inputs["phase"] - noise_free
-    ideal = noise_free + (wrapped - np.float32(2 * np.pi) * np.round(wrapped / (2 * np.pi)))
+    noise_free = _noise_free_phase(truth, inputs["echo_times_s"], inputs["b0_tesla"])
+    ideal = _nearest_branch(inputs["phase"], noise_free)
     return (
         f"local NRMSE {local_nrmse(field_ppm):.1f}% after V-SHARP "
         f"(ideal unwrap {local_nrmse(_fit(ideal, inputs)):.1f}%)"
     )
+
+
+# ------------------------------------------------------------------------------ phase processing
+# Rows of the phase steps one at a time (issue targets at 200 x 200 x 160, 1 mm, 4 echoes, 2
+# cores: Laplacian unwrapping < 2 s, region growing < 10 s per echo, field fit < 5 s,
+# MCPC-3D-S with 8 coils < 30 s). Inputs: the simulated head at SNR 80 (the default), coil-
+# combined except for MCPC-3D-S. "Exact" compares with the measured phase unwrapped perfectly
+# (:func:`_nearest_branch` of the noise-free phase).
+_PHASE_TRUTH = ("total_field_ppm", "phase_offset_rad")
+
+
+def _phase_head(bench: Benchmark, fields: Sequence[str], **params: Any) -> dict:
+    """:func:`simulated_head` with ``params`` split into ``echo_times_s`` and ``b0_tesla``."""
+    head = simulated_head(bench, (*fields, "params"), **params)
+    acq = head.pop("params")
+    head.update(echo_times_s=tuple(acq.echo_times_s), b0_tesla=acq.b0_tesla)
+    return head
+
+
+def _exact(unwrapped: Any, noise_free: Any, mask: Any) -> tuple[float, int, int]:
+    """Brain voxels unwrapped exactly (percent), the others (count) and the global 2 pi offset.
+
+    ``unwrapped`` differs from the measured phase by multiples of 2 pi (congruent unwrappers);
+    a voxel is exact when it lies on the branch nearest the noise-free phase plus the 2 pi
+    multiple most brain voxels share (the global offset, which no unwrapper can know).
+    """
+    import numpy as np
+
+    turns = np.round((unwrapped[mask] - noise_free[mask]) / np.float32(2 * np.pi)).astype(np.int64)
+    values, counts = np.unique(turns, return_counts=True)
+    best = int(np.argmax(counts))
+    return 100.0 * counts[best] / turns.size, int(turns.size - counts[best]), int(values[best])
+
+
+def _warm_up_region_growing(n_echo: int = 0) -> None:
+    """Compile (or load from numba's cache) the region-growing kernels on a tiny volume."""
+    import numpy as np
+
+    from qsmflow.algorithms.unwrap import region_growing_unwrap, unwrap_multi_echo
+
+    rng = np.random.default_rng(0)
+    shape = (8, 8, 8, max(n_echo, 1))
+    phase = rng.uniform(-np.pi, np.pi, shape).astype(np.float32)
+    mag = np.ones(shape, dtype=np.float32)
+    mask = np.ones(shape[:3], dtype=bool)
+    if n_echo:
+        tes = [0.005 * (e + 1) for e in range(n_echo)]
+        unwrap_multi_echo(phase, ISO_1MM, tes, magnitude=mag, mask=mask)
+    else:
+        region_growing_unwrap(phase[..., 0], ISO_1MM, magnitude=mag[..., 0], mask=mask)
+
+
+def laplacian_unwrap_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = _phase_head(bench, ("phase", "mask", "local_field_ppm", *_PHASE_TRUTH))
+    phase = head.pop("phase")[..., 0].copy()
+    truth = {name: head.pop(name) for name in ("mask", "local_field_ppm", *_PHASE_TRUTH)}
+    noise_free = _noise_free_phase(truth, head["echo_times_s"][:1], head["b0_tesla"])[..., 0]
+    truth["ideal"] = _nearest_branch(phase, noise_free)
+    del truth["phase_offset_rad"], truth["total_field_ppm"]
+    head.update(phase_echo1=phase, truth=save_truth(workdir, **truth))
+    return head
+
+
+def laplacian_unwrap_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.unwrap import laplacian_unwrap
+
+    phase, vox = inputs["phase_echo1"], inputs["voxel_mm"]
+    return lambda: laplacian_unwrap(phase, vox, n_threads=n_threads)
+
+
+def laplacian_unwrap_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> str:
+    """Non-harmonic part of the unwrapping error, relative to the true local field.
+
+    The error ``unwrapped - ideal`` (ideal: the measured first echo unwrapped perfectly),
+    converted to ppm, goes through V-SHARP (radii :data:`UNWRAP_CHECK_RADII_MM`, true brain
+    mask); V-SHARP is linear, so what it leaves is exactly the error this unwrapping adds to the
+    local field. Reported as the norm of that residual over the norm of the true local field
+    (both demeaned) in V-SHARP's eroded mask; "before" is the same ratio for the raw error in
+    the whole mask (mostly harmonic, which V-SHARP removes).
+    """
+    import numpy as np
+
+    from qsmflow import GAMMA_BAR_MHZ_PER_T
+    from qsmflow.algorithms.background import vsharp
+
+    truth = _load(inputs["truth"])
+    mask = truth["mask"]
+    rad_per_ppm = 2 * np.pi * GAMMA_BAR_MHZ_PER_T * inputs["b0_tesla"] * inputs["echo_times_s"][0]
+    error_ppm = (unwrapped - truth["ideal"]) / np.float32(rad_per_ppm)
+    local_error, kept = vsharp(
+        error_ppm,
+        mask,
+        inputs["voxel_mm"],
+        radii_mm=UNWRAP_CHECK_RADII_MM,
+        n_threads=os.cpu_count() or 1,
+    )
+
+    def ratio(error: Any, region: Any) -> float:
+        e = error[region].astype(np.float64)
+        t = truth["local_field_ppm"][region].astype(np.float64)
+        return 100 * np.linalg.norm(e - e.mean()) / np.linalg.norm(t - t.mean())
+
+    return (
+        f"non-harmonic error {ratio(local_error, kept):.1f}% of local field after V-SHARP "
+        f"({ratio(error_ppm, mask):.0f}% before)"
+    )
+
+
+def region_growing_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = _phase_head(bench, ("magnitude", "phase", "mask", *_PHASE_TRUTH))
+    truth = {name: head.pop(name) for name in _PHASE_TRUTH}
+    noise_free = _noise_free_phase(truth, head["echo_times_s"][:1], head["b0_tesla"])[..., 0]
+    head["phase_echo1"] = head.pop("phase")[..., 0].copy()
+    head["magnitude_echo1"] = head.pop("magnitude")[..., 0].copy()
+    head["truth"] = save_truth(workdir, noise_free=noise_free)
+    return head
+
+
+def region_growing_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.unwrap import region_growing_unwrap
+
+    _warm_up_region_growing()  # numba compilation is not timed
+    phase, mag, mask = inputs["phase_echo1"], inputs["magnitude_echo1"], inputs["mask"]
+    vox = inputs["voxel_mm"]
+    return lambda: region_growing_unwrap(phase, vox, magnitude=mag, mask=mask)
+
+
+def region_growing_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> str:
+    """Percentage of brain voxels unwrapped exactly (see :func:`_exact`)."""
+    noise_free = _load(inputs["truth"])["noise_free"]
+    exact, wrong, _ = _exact(unwrapped, noise_free, inputs["mask"])
+    return f"{exact:.3f}% of brain voxels exact ({wrong} wrong)"
+
+
+def multi_echo_unwrap_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = _phase_head(bench, ("magnitude", "phase", "mask", *_PHASE_TRUTH))
+    head["truth"] = save_truth(workdir, **{name: head.pop(name) for name in _PHASE_TRUTH})
+    return head
+
+
+def multi_echo_unwrap_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.unwrap import unwrap_multi_echo
+
+    phase, mag, mask = inputs["phase"], inputs["magnitude"], inputs["mask"]
+    vox, tes = inputs["voxel_mm"], inputs["echo_times_s"]
+    _warm_up_region_growing(len(tes))  # numba compilation is not timed
+    return lambda: unwrap_multi_echo(
+        phase,
+        vox,
+        tes,
+        magnitude=mag,
+        mask=mask,
+        method="region-growing",
+        mode="template",
+        n_threads=n_threads,
+    )
+
+
+def multi_echo_unwrap_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> str:
+    """Lowest percentage over the echoes of exact brain voxels, and whether the echoes agree.
+
+    Each echo is scored with :func:`_exact`; for a field fit the echoes must also share
+    one global 2 pi offset ("one branch"), which the per-echo scores alone do not show.
+    """
+    noise_free = _noise_free_phase(
+        _load(inputs["truth"]), inputs["echo_times_s"], inputs["b0_tesla"]
+    )
+    scores = [
+        _exact(unwrapped[..., e], noise_free[..., e], inputs["mask"])
+        for e in range(unwrapped.shape[3])
+    ]
+    worst = min(range(len(scores)), key=lambda e: scores[e][0])
+    branch = "one branch" if len({k for *_, k in scores}) == 1 else "echoes on different branches"
+    exact, wrong, _ = scores[worst]
+    return f"min {exact:.3f}% of brain voxels exact (echo {worst + 1}: {wrong} wrong), {branch}"
+
+
+def field_fit_setup(bench: Benchmark, workdir: Path) -> dict:
+    head = _phase_head(bench, ("magnitude", "phase", "mask", *_PHASE_TRUTH))
+    truth = {name: head.pop(name) for name in _PHASE_TRUTH}
+    noise_free = _noise_free_phase(truth, head["echo_times_s"], head["b0_tesla"])
+    head["unwrapped"] = _nearest_branch(head.pop("phase"), noise_free)
+    head["truth"] = save_truth(workdir, total_field_ppm=truth["total_field_ppm"])
+    return head
+
+
+def field_fit_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.echoes import fit_field
+
+    phase, mag, mask = inputs["unwrapped"], inputs["magnitude"], inputs["mask"]
+    tes, b0 = inputs["echo_times_s"], inputs["b0_tesla"]
+    return lambda: fit_field(phase, mag, tes, b0_tesla=b0, mask=mask).field_ppm
+
+
+def field_fit_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
+    """Plain NRMSE of the fitted field against the true total field in the brain mask."""
+    from qsmflow.algorithms.metrics import nrmse
+
+    true = _load(inputs["truth"])["total_field_ppm"]
+    return f"field NRMSE {nrmse(field_ppm, true, inputs['mask']):.2f}% (oracle unwrap)"
+
+
+#: Receive channels of the MCPC-3D-S rows.
+MCPC_COILS = 8
+
+
+def mcpc3ds_setup(bench: Benchmark, workdir: Path) -> dict:
+    import numpy as np
+
+    fields = ("magnitude", "phase", "mask", "total_field_ppm", "phase_offset_rad")
+    head = _phase_head(bench, (*fields, "coil_sensitivity"), n_coils=MCPC_COILS)
+    sens = head.pop("coil_sensitivity")
+    head["truth"] = save_truth(
+        workdir,
+        mask=head.pop("mask"),
+        total_field_ppm=head.pop("total_field_ppm"),
+        coil_offsets_rad=head.pop("phase_offset_rad"),  # (x, y, z, coil)
+        coil_weights=np.square(np.abs(sens)),
+    )
+    return head
+
+
+def mcpc3ds_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
+    from qsmflow.algorithms.echoes import mcpc3ds
+
+    mag, phase = inputs["magnitude"], inputs["phase"]
+    tes, vox = inputs["echo_times_s"], inputs["voxel_mm"]
+    return lambda: mcpc3ds(mag, phase, tes, vox, n_threads=n_threads)
+
+
+def mcpc3ds_check(bench: Benchmark, inputs: dict, combined: Any) -> str:
+    """Field NRMSE from the combined phase, unwrapped perfectly, against the true total field.
+
+    Without noise the combined phase would be ``r + 2 pi gamma_bar B0 TE total_field`` with
+    ``r = angle(sum_c |s_c|^2 exp(i (theta_c - theta_c_est)))``: the channels' true offsets
+    ``theta_c`` (simulator) minus the smoothed estimates, weighted like the combination
+    (channel magnitude squared, proportional to the squared sensitivity ``|s_c|^2``). The
+    combined phase is put on the branch nearest that, fitted with :func:`fit_field` (its
+    intercept absorbs ``r``) in the true brain mask and compared with the true total field.
+    """
+    import numpy as np
+
+    from qsmflow.algorithms.echoes import fit_field
+    from qsmflow.algorithms.metrics import nrmse
+
+    truth = _load(inputs["truth"])
+    residual = np.zeros(truth["total_field_ppm"].shape, dtype=np.complex64)
+    for c in range(truth["coil_offsets_rad"].shape[3]):
+        diff = truth["coil_offsets_rad"][..., c] - combined.phase_offsets_rad[..., c]
+        residual += truth["coil_weights"][..., c] * np.exp(1j * diff)
+    truth["phase_offset_rad"] = np.angle(residual).astype(np.float32)
+    del residual
+    noise_free = _noise_free_phase(truth, inputs["echo_times_s"], inputs["b0_tesla"])
+    unwrapped = _nearest_branch(combined.phase_rad, noise_free)
+    del noise_free
+    fit = fit_field(
+        unwrapped,
+        combined.magnitude,
+        inputs["echo_times_s"],
+        b0_tesla=inputs["b0_tesla"],
+        mask=truth["mask"],
+    )
+    error = nrmse(fit.field_ppm, truth["total_field_ppm"], truth["mask"])
+    return f"field NRMSE {error:.2f}% (oracle unwrap of the combined phase)"
 
 
 # ------------------------------------------------------------------------------ background removal
@@ -388,6 +681,30 @@ def _rows() -> tuple[Benchmark, ...]:
     simulate = {"setup": simulate_setup, "prepare": simulate_prepare, "check": simulate_check}
     bet = {"setup": bet_setup, "prepare": bet_prepare, "check": bet_check}
     unwrap = {"setup": unwrap_setup, "prepare": unwrap_prepare, "check": unwrap_check}
+    lap = {
+        "setup": laplacian_unwrap_setup,
+        "prepare": laplacian_unwrap_prepare,
+        "check": laplacian_unwrap_check,
+    }
+    rg = {
+        "setup": region_growing_setup,
+        "prepare": region_growing_prepare,
+        "check": region_growing_check,
+    }
+    multi = {
+        "setup": multi_echo_unwrap_setup,
+        "prepare": multi_echo_unwrap_prepare,
+        "check": multi_echo_unwrap_check,
+    }
+    fit = {"setup": field_fit_setup, "prepare": field_fit_prepare, "check": field_fit_check}
+    mcpc = {"setup": mcpc3ds_setup, "prepare": mcpc3ds_prepare, "check": mcpc3ds_check}
+    phase_rows = (
+        ("mcpc3ds", "MCPC-3D-S (8 coils, 4 echoes)", mcpc),
+        ("laplacian-unwrap", "Laplacian unwrap (1 echo)", lap),
+        ("region-growing", "region growing (1 echo)", rg),
+        ("multi-echo-unwrap", "region growing, 4-echo template", multi),
+        ("field-fit", "field fit (4 echoes)", fit),
+    )
     vsharp = {"setup": vsharp_setup, "prepare": vsharp_prepare, "check": vsharp_check}
     tkd = {"setup": tkd_setup, "prepare": tkd_prepare, "check": tkd_check}
     return (
@@ -406,6 +723,14 @@ def _rows() -> tuple[Benchmark, ...]:
         ),
         Benchmark("bet-2mm", "brain extraction (BET)", MATRIX_2MM, ISO_2MM, **bet, quick=True),
         Benchmark("bet-1mm", "brain extraction (BET)", MATRIX_1MM, ISO_1MM, **bet),
+        *(
+            Benchmark(f"{name}-{size}", step, matrix, vox, **funcs, quick=quick)
+            for name, step, funcs in phase_rows
+            for size, matrix, vox, quick in (
+                ("2mm", MATRIX_PHASE_2MM, ISO_2MM, True),
+                ("1mm", MATRIX_PHASE_1MM, ISO_1MM, False),
+            )
+        ),
         Benchmark(
             "unwrap-2mm", "unwrap + field fit (4 echoes)", MATRIX_2MM, ISO_2MM, **unwrap, quick=True
         ),
@@ -554,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if args.list:
         for b in ROWS:
-            print(f"{b.name:16s} {b.step} {'x'.join(map(str, b.matrix))}{' (quick)' * b.quick}")
+            print(f"{b.name:22s} {b.step} {'x'.join(map(str, b.matrix))}{' (quick)' * b.quick}")
         return 0
     patterns = [p for item in args.only or [] for p in item.split(",") if p]
     rows = select(patterns, args.quick)
