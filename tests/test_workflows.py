@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -114,6 +115,12 @@ def test_app_outputs_are_valid_bids(app_run):
             (deriv / f"sub-{sub}/fmap/sub-{sub}_desc-local_fieldmap.json").read_text()
         )
         assert side["Units"] == "Hz"
+    # the QC report: one page per subject, its figures exist (and are BIDS-ignored)
+    for sub in ("01", "02"):
+        html = (deriv / f"sub-{sub}.html").read_text()
+        for src in re.findall(r'src="([^"]+)"', html):
+            assert (deriv / src).exists(), src
+        assert len(list((deriv / f"sub-{sub}/figures").glob("*.png"))) >= 4
     errors, warnings = _validate(deriv)
     assert errors == []
     assert warnings == []

@@ -141,6 +141,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         source_datasets=[{"URL": bids_dir.as_uri()}],
         extra={"Authors": ["qsmflow developers", "qsmflow users"]},
     )
+    from ..reports import BIDSIGNORE_PATTERNS
+
+    (deriv / ".bidsignore").write_text("\n".join(BIDSIGNORE_PATTERNS) + "\n")
     if not (deriv / "README.md").exists():
         (deriv / "README.md").write_text(
             "# qsmflow derivatives\n\nQuantitative susceptibility maps computed by qsmflow "
@@ -152,6 +155,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             "- `anat/*_R2starmap`: R2* in Hz\n"
             "- `fmap/*_fieldmap` and `fmap/*_desc-local_fieldmap`: total and local field in Hz, "
             "each with its first-echo `_magnitude`\n"
+            "- `sub-<label>.html`: quality-control report with figures in `sub-<label>/figures/`\n"
         )
     write_json(
         {"command": shlex.join(["qsmflow", *argv]), "pipeline": pipeline, "version": __version__},
@@ -192,6 +196,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"  {c}", file=sys.stderr)
         return 1
     print(f"qsmflow: finished in {time.perf_counter() - start:.0f} s; outputs in {deriv}")
+    for sub in sorted({a.subject for a in acquisitions}):
+        print(f"  report: {deriv / f'sub-{sub}.html'}")
     return 0
 
 

@@ -5,6 +5,7 @@ from .bids import DerivativesDataSink
 from .inversion import DipoleInversion, ReferenceSusceptibility
 from .masking import BrainMask
 from .phase import CoilCombination, EchoCombination, PhaseUnwrap
+from .reports import QCReport
 
 __all__ = [
     "BackgroundRemoval",
@@ -14,5 +15,6 @@ __all__ = [
     "DipoleInversion",
     "EchoCombination",
     "PhaseUnwrap",
+    "QCReport",
     "ReferenceSusceptibility",
 ]

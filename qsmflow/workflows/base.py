@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces import DerivativesDataSink
+from ..interfaces import DerivativesDataSink, QCReport
 from ..io.bids import Acquisition
 from .qsm import init_qsm_wf
 
@@ -134,7 +135,31 @@ def init_subject_wf(
         raise ValueError("init_subject_wf needs at least one acquisition")
     subject = acquisitions[0].subject
     wf = pe.Workflow(name=name or f"sub_{_safe(subject)}_wf")
-    for acq in acquisitions:
+    n_acq = len(acquisitions)
+    report_fields = (
+        "magnitude",
+        "mask",
+        "local_mask",
+        "field_hz",
+        "local_field",
+        "chi",
+        "unwrapped",
+    )
+    merges = {f: pe.Node(niu.Merge(n_acq), name=f"collect_{f}") for f in report_fields}
+    largest = max(math.prod(a.shape) for a in acquisitions)
+    report = pe.Node(
+        QCReport(
+            out_dir=str(output_dir),
+            subject=subject,
+            labels=[a.label for a in acquisitions],
+            local_field_units="Hz",
+        ),
+        name="ds_report",
+        mem_gb=round(0.3 + 8 * 4 * largest / 1e9, 2),
+    )
+    for field, merge in merges.items():
+        wf.connect(merge, "out", report, "unwrapped_phase" if field == "unwrapped" else field)
+    for index, acq in enumerate(acquisitions, start=1):
         tag = _safe(acq.label.removeprefix(f"sub-{subject}").strip("_")) or "main"
         qsm = init_qsm_wf(
             n_voxels=math.prod(acq.shape),
@@ -171,6 +196,10 @@ def init_subject_wf(
             # the local field is sunk in Hz (BIDS fieldmap units) straight from the BFR node
             src = "background.out_field_hz" if field == "local_field" else f"outputnode.{field}"
             wf.connect(qsm, src, sink, "in_file")
+            # the report shows the files as written (it reads their sidecars)
+            if field in merges and not (suffix == "magnitude" and desc):
+                wf.connect(sink, "out_file", merges[field], f"in{index}")
+        wf.connect(qsm, "outputnode.unwrapped", merges["unwrapped"], f"in{index}")
     return wf
 
 

@@ -15,7 +15,16 @@ from ..interfaces import (
 )
 
 #: Fields of :func:`init_qsm_wf`'s output node.
-QSM_OUTPUTS = ("chi", "mask", "local_mask", "field_hz", "local_field", "r2star", "magnitude")
+QSM_OUTPUTS = (
+    "chi",
+    "mask",
+    "local_mask",
+    "field_hz",
+    "local_field",
+    "r2star",
+    "magnitude",
+    "unwrapped",
+)
 
 
 def estimate_mem_gb(n_voxels: int, n_echoes: int = 1, *, factor: float = 1.0) -> float:
@@ -46,7 +55,7 @@ def init_qsm_wf(
     radians), ``echo_times`` (s), ``b0_tesla`` (T). Outputs (``outputnode``): ``chi`` (ppm,
     referenced to the mean of the valid mask), ``mask`` (brain), ``local_mask`` (where the local
     field is valid), ``field_hz`` (total field, Hz), ``local_field`` (ppm), ``r2star`` (Hz),
-    ``magnitude`` (first echo).
+    ``magnitude`` (first echo), ``unwrapped`` (phase, rad).
 
     Parameters
     ----------
@@ -90,6 +99,7 @@ def init_qsm_wf(
                              ("echo_times", "echo_times")]),
         (brain_mask, unwrap, [("out_mask", "in_mask")]),
         (unwrap, fit, [("out_unwrapped", "in_phase")]),
+        (unwrap, outputnode, [("out_unwrapped", "unwrapped")]),
         (inputnode, fit, [("magnitude", "in_magnitude"), ("echo_times", "echo_times"),
                           ("b0_tesla", "b0_tesla")]),
         (brain_mask, fit, [("out_mask", "in_mask")]),
