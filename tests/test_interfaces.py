@@ -226,3 +226,17 @@ def test_every_background_method_runs_through_the_interface(interface_data, tmp_
     assert valid.any() and not (valid & ~sim.mask).any()
     # every method removes most of the background (3 mm, so loose): correlation with truth
     assert metrics.correlation(local, sim.local_field_ppm, valid) > 0.6
+
+
+@pytest.mark.parametrize("method", ["tkd", "tsvd", "tikhonov", "ilsqr", "star"])
+def test_every_inversion_method_runs_through_the_interface(interface_data, tmp_path, method):
+    sim = interface_data["sim"]
+    local = tmp_path / "local.nii.gz"
+    save_nifti(sim.local_field_ppm, sim.affine, local)
+    res = DipoleInversion(
+        in_field=str(local), in_mask=str(interface_data["root"] / "truemask.nii.gz"), method=method
+    ).run(cwd=str(tmp_path))
+    chi = load(res.outputs.out_chi)
+    assert np.all(chi[~sim.mask] == 0)
+    # every method recovers the susceptibility pattern from the true local field (3 mm: loose)
+    assert metrics.correlation(chi, sim.chi_ppm, sim.mask) > 0.6

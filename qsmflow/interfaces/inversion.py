@@ -12,6 +12,10 @@ from ._common import ThreadedInputSpec, b0_direction, field_to_ppm, output_path
 #: method -> (function in qsmflow.algorithms.inversion, interface option -> keyword)
 METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "tkd": ("tkd", {"threshold": "threshold"}),
+    "tsvd": ("tsvd", {"threshold": "threshold"}),
+    "tikhonov": ("tikhonov", {"regularization": "lambda_", "tikhonov_penalty": "regularization"}),
+    "ilsqr": ("ilsqr", {}),
+    "star": ("star_qsm", {}),
 }
 
 
@@ -28,7 +32,15 @@ class _DipoleInversionInputSpec(ThreadedInputSpec):
         traits.Float,
         desc="B0 direction in voxel coordinates (default: from the affine)",
     )
-    threshold = traits.Float(desc="k-space threshold of the truncated inverse kernel (tkd)")
+    threshold = traits.Float(desc="k-space threshold of the truncated inverse kernel (tkd, tsvd)")
+    regularization = traits.Either(
+        traits.Float,
+        traits.Enum("lcurve", "inflection", "discrepancy"),
+        desc="regularisation weight lambda, or an automatic rule (tikhonov)",
+    )
+    tikhonov_penalty = traits.Enum(
+        "gradient", "identity", desc="Tikhonov penalty: gradient (mm^2 lambda) or identity"
+    )
 
 
 class _DipoleInversionOutputSpec(TraitedSpec):

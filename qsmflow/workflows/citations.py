@@ -33,6 +33,14 @@ CITATIONS: dict[str, str] = {
     "phase data. Magn Reson Med 2009;62:1510-1522; Schweser F et al. Toward online "
     "reconstruction of quantitative susceptibility maps: superfast dipole inversion. Magn Reson "
     "Med 2013;69:1582-1594.",
+    "tsvd": "Wharton S, Schafer A, Bowtell R. Susceptibility mapping in the human brain using "
+    "threshold-based k-space division. Magn Reson Med 2010;63:1292-1304.",
+    "tikhonov": "Bilgic B et al. Fast image reconstruction with L2-regularization. J Magn Reson "
+    "Imaging 2014;40:181-191.",
+    "ilsqr": "Li W et al. A method for estimating and removing streaking artifacts in "
+    "quantitative susceptibility mapping. NeuroImage 2015;108:111-122.",
+    "star": "Wei H et al. Streaking artifact reduction for quantitative susceptibility mapping "
+    "of sources with large dynamic range. NMR Biomed 2015;28:1294-1303.",
 }
 
 

@@ -1,9 +1,40 @@
 """Dipole inversion: from the local field (ppm) to susceptibility (ppm).
 
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
-returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov).
+returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
+:mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.regularization` (automatic lambda choice).
 """
 
-from .direct import tkd, tkd_inverse_kernel
+from .direct import (
+    TIKHONOV_LAMBDA,
+    tikhonov,
+    tikhonov_filter,
+    tikhonov_lambda,
+    tkd,
+    tkd_inverse_kernel,
+    tsvd,
+    tsvd_inverse_kernel,
+)
+from .ilsqr import ILSQRSteps, ilsqr, ilsqr_steps, lsqr
+from .regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
+from .star import star_qsm
 
-__all__ = ["tkd", "tkd_inverse_kernel"]
+__all__ = [
+    "ILSQRSteps",
+    "TIKHONOV_LAMBDA",
+    "discrepancy_lambda",
+    "ilsqr",
+    "ilsqr_steps",
+    "lcurve_corner",
+    "lcurve_inflection",
+    "lsqr",
+    "star_qsm",
+    "tikhonov",
+    "tikhonov_filter",
+    "tikhonov_lambda",
+    "tikhonov_norms",
+    "tkd",
+    "tkd_inverse_kernel",
+    "tsvd",
+    "tsvd_inverse_kernel",
+]

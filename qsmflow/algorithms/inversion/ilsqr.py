@@ -17,11 +17,23 @@ NeuroImage 2015;108:111-122 (the ``QSM_iLSQR`` of STI Suite). Four steps:
    region and ``W_G`` small where ``chi_FS`` has strong gradients, again by LSQR.
 4. ``chi = chi_LSQR - chi_SA``.
 
-Simplifications, documented where they occur: the LSQR of step 1 is run on the weighted
-least-squares problem itself (not on its normal equations) and stopped on the relative
-normal-equation residual; the paper's k-space weight ``|D|^n`` with ``n = 0.001`` normalised
-between percentiles is used in its ``n -> 0`` limit, a log-linear ramp in ``|D|``; the
-percentile thresholds of the weights act on absolute values.
+The parameter values (weights' percentiles 60/99.9, 1/30 and 50/70, thresholds 0.1 and 1/8,
+SMV radius 3, LSQR tolerance 0.01) are the paper's as carried by the open reimplementation
+in QSM.m (github.com/kamesy/QSM.m). Departures, documented where they occur:
+
+* step 1 runs LSQR on the weighted least-squares problem itself (not on its normal
+  equations) and stops on the relative normal-equation residual;
+* the paper's k-space weight ``|D|^n`` with ``n = 0.001`` normalised between percentiles is
+  used in its ``n -> 0`` limit, a log-linear ramp in ``|D|``; the percentile thresholds of the
+  image-space weights act on absolute values;
+* step 3 is right-preconditioned by ``1 / |E(k)|`` (same minimiser), so that it converges in
+  ~10 iterations instead of hundreds (unpreconditioned, 15 iterations left a large sphere
+  37 % low; preconditioned, 10 leave it 7 % low);
+* the unknown lives on the mask's bounding box plus a margin (``pad_margin``), free outside
+  the mask, and is read inside the mask only.
+
+Measured on the simulated head with 0.002 ppm field noise (demeaned NRMSE, |1 - DGM slope|):
+2 mm: step 1 alone 64.6 %, iLSQR 45.9 % / 0.07 (TKD 54.2 % / 0.05); 1 mm: 43.9 % / 0.07.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import scipy.fft
 from ..background.smv import smv_kernel
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
-from ._common import check_inversion_inputs, divergence, gradient
+from ._common import check_inversion_inputs, divergence, gradient, gradient_symbols
 
 __all__ = ["ILSQRSteps", "ilsqr", "ilsqr_steps", "lsqr"]
 
@@ -58,7 +70,7 @@ class _MaskGrid:
 
     def __init__(self, roi: np.ndarray, pad_factor: float, margin: int) -> None:
         box = []
-        for axis, n in enumerate(roi.shape):
+        for axis in range(3):
             hit = np.flatnonzero(roi.any(axis=tuple(a for a in range(3) if a != axis)))
             box.append(slice(int(hit[0]), int(hit[-1]) + 1))
         self.box = tuple(box)
@@ -145,16 +157,15 @@ def lsqr(
     phibar, rhobar = beta, alpha
     normal0 = alpha * beta
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        au = apply_a(v)
-        au -= np.float32(alpha) * u
-        u = au
+    while n_iter < max_iter:
+        n_iter += 1
+        u *= np.float32(-alpha)
+        u += apply_a(v)
         beta = _norm(u)
         if beta > 0:
             u /= np.float32(beta)
-        atv = apply_at(u)
-        atv -= np.float32(beta) * v
-        v = atv
+        v *= np.float32(-beta)
+        v += apply_at(u)
         alpha = _norm(v)
         if alpha > 0:
             v /= np.float32(alpha)
@@ -215,7 +226,7 @@ def ilsqr_steps(
     tol_lsqr: float = 0.01,
     max_iter_lsqr: int = 30,
     tol_streak: float = 0.01,
-    max_iter_streak: int = 15,
+    max_iter_streak: int = 10,
     laplacian_percentiles: Sequence[float] = (60.0, 99.9),
     gradient_percentiles: Sequence[float] = (50.0, 70.0),
     kspace_percentiles: Sequence[float] = (1.0, 30.0),
@@ -256,91 +267,142 @@ def ilsqr_steps(
     # The unknown lives on the whole padded grid (chi outside the mask is free and discarded),
     # so the periodic copies need only a margin around the mask's bounding box.
     grid = _MaskGrid(roi, pad_factor, int(pad_margin))
-    big = grid.shape
     inside = grid.pad(roi)
     f = grid.pad(np.where(roi, field, np.float32(0)))
-    kernel = dipole_kernel(big, vox, b0_dir, real=True)
+    kernel = dipole_kernel(grid.shape, vox, b0_dir, real=True)
+    chi_lsqr = _data_step(f, inside, kernel, vox, lap_pct, tol_lsqr, int(max_iter_lsqr), n_threads)
+    chi_fast = _fast_qsm(f, inside, kernel, vox, k_pct, smv_radius_mm, tkd_threshold, n_threads)
+    del f
+    chi_sa = _streak_step(
+        chi_lsqr,
+        chi_fast,
+        inside,
+        np.abs(kernel) < threshold,
+        vox,
+        grad_pct,
+        tol_streak,
+        int(max_iter_streak),
+        n_threads,
+    )
+    return ILSQRSteps(
+        chi=grid.unpad(chi_lsqr - chi_sa, roi),
+        chi_lsqr=grid.unpad(chi_lsqr, roi),
+        chi_fast=grid.unpad(chi_fast, roi),
+        chi_streak=grid.unpad(chi_sa, roi),
+    )
 
-    def conv(x: np.ndarray, spectrum_filter: np.ndarray) -> np.ndarray:
-        spec = scipy.fft.rfftn(x, workers=n_threads)
-        spec *= spectrum_filter
-        return scipy.fft.irfftn(spec, s=big, workers=n_threads)
 
-    # ---- step 1: weighted LSQR of the data term (Li et al. 2015, Eqs. 5-7)
-    weights = _ramp_weights(np.abs(_laplacian(f, vox)), inside, *lap_pct)
-    sqrt_w = np.sqrt(weights)
-    del weights
+def _conv(x: np.ndarray, spectrum_filter: np.ndarray, n_threads: int) -> np.ndarray:
+    """``ifft(spectrum_filter * fft(x))`` with real FFTs on the grid of ``x``."""
+    spec = scipy.fft.rfftn(x, workers=n_threads)
+    spec *= spectrum_filter
+    return scipy.fft.irfftn(spec, s=x.shape, workers=n_threads)
+
+
+def _data_step(
+    f: np.ndarray,
+    inside: np.ndarray,
+    kernel: np.ndarray,
+    vox: tuple[float, float, float],
+    percentiles: tuple[float, float],
+    tol: float,
+    max_iter: int,
+    n_threads: int,
+) -> np.ndarray:
+    """Step 1 (Li et al. 2015, Eqs. 5-7): ``argmin ||W^(1/2) (ifft(D fft(chi)) - f)||`` by
+    LSQR, with ``W`` a ramp from 1 (small) to 0 (large ``|laplacian f|``)."""
+    sqrt_w = np.sqrt(_ramp_weights(np.abs(_laplacian(f, vox)), inside, *percentiles))
 
     def forward(x: np.ndarray) -> np.ndarray:
-        out = conv(x, kernel)
+        out = _conv(x, kernel, n_threads)
         out *= sqrt_w
         return out
 
     def adjoint(y: np.ndarray) -> np.ndarray:
-        return conv(y * sqrt_w, kernel)
+        return _conv(y * sqrt_w, kernel, n_threads)
 
-    chi_lsqr, _ = lsqr(forward, adjoint, sqrt_w * f, tol=tol_lsqr, max_iter=int(max_iter_lsqr))
-    chi_lsqr[~inside] = 0
-    del sqrt_w
+    chi, _ = lsqr(forward, adjoint, sqrt_w * f, tol=tol, max_iter=max_iter)
+    chi[~inside] = 0
+    return chi
 
-    # ---- step 2: FastQSM (Eqs. 8-14)
-    spec_f = scipy.fft.rfftn(f, workers=n_threads)
+
+def _fast_qsm(
+    f: np.ndarray,
+    inside: np.ndarray,
+    kernel: np.ndarray,
+    vox: tuple[float, float, float],
+    percentiles: tuple[float, float],
+    smv_radius_mm: float,
+    tkd_threshold: float,
+    n_threads: int,
+) -> np.ndarray:
+    """Step 2, FastQSM (Eqs. 8-14): ``sign(D) F(f)`` with the near-cone frequencies replaced
+    by their spherical-mean-smoothed version, masked, filtered again, then scaled to TKD."""
+    from .direct import tkd_inverse_kernel  # here: direct imports nothing from this module
+
+    big = f.shape
     abs_d = np.abs(kernel)
     sample = abs_d.reshape(-1)[:: max(1, abs_d.size // 2_000_000)]
-    d_lo, d_hi = np.percentile(sample[sample > 0], k_pct)
+    d_lo, d_hi = np.percentile(sample[sample > 0], percentiles)
     # Eq. 10's |D|^n between two percentiles with n = 0.001 is, in the limit n -> 0, a
     # log-linear ramp in |D| between those percentiles.
     w_fs = np.clip(np.log(np.maximum(abs_d, 1e-12) / d_lo) / np.log(d_hi / d_lo), 0, 1)
+    del abs_d, sample
     smv, _ = smv_kernel(big, vox, max(smv_radius_mm, min(vox)))
     fs_filter = (w_fs + (1 - w_fs) * smv).astype(np.float32)
-    del w_fs, smv, sample
+    del w_fs, smv
+    spec_f = scipy.fft.rfftn(f, workers=n_threads)
     x = scipy.fft.irfftn(spec_f * (np.sign(kernel) * fs_filter), s=big, workers=n_threads)
     x[~inside] = 0
-    fast = conv(x, fs_filter)
+    fast = _conv(x, fs_filter, n_threads)
     fast[~inside] = 0
-    del fs_filter, x
-    from .direct import tkd_inverse_kernel  # local: direct imports nothing from here
-
+    del x, fs_filter
     spec_f *= tkd_inverse_kernel(kernel, tkd_threshold)
     ref = scipy.fft.irfftn(spec_f, s=big, workers=n_threads)
     del spec_f
-    a = np.polyfit(fast[inside].astype(np.float64), ref[inside].astype(np.float64), 1)
-    chi_fast = np.where(inside, np.float32(a[0]) * fast + np.float32(a[1]), 0).astype(np.float32)
-    del ref, fast
+    slope, offset = np.polyfit(fast[inside].astype(np.float64), ref[inside].astype(np.float64), 1)
+    return np.where(inside, np.float32(slope) * fast + np.float32(offset), 0).astype(np.float32)
 
-    # ---- step 3: streaking component in the ill-conditioned region (Eqs. 3, 4, 15)
+
+def _streak_step(
+    chi_lsqr: np.ndarray,
+    chi_fast: np.ndarray,
+    inside: np.ndarray,
+    ill: np.ndarray,
+    vox: tuple[float, float, float],
+    percentiles: tuple[float, float],
+    tol: float,
+    max_iter: int,
+    n_threads: int,
+) -> np.ndarray:
+    """Step 3 (Eqs. 3, 4, 15): the component of ``chi_lsqr`` in the ill-conditioned region
+    ``ill`` that carries its gradients where ``chi_fast`` has no edge."""
     grad_fast = gradient(chi_fast, vox)
     w_g = np.empty_like(grad_fast)
     for axis in range(3):
-        w_g[axis] = _ramp_weights(np.abs(grad_fast[axis]), inside, *grad_pct)
+        w_g[axis] = _ramp_weights(np.abs(grad_fast[axis]), inside, *percentiles)
     del grad_fast
-    ill = (abs_d < threshold).astype(np.float32)
-    del abs_d, kernel
+    # Right preconditioning x = C z with C = 1 / |E(k)| on the ill-conditioned region: the
+    # unweighted operator grad(P_ic C) then has unit gain at every frequency it keeps, so
+    # LSQR converges in a few iterations instead of fighting the Laplacian's spectrum. The
+    # minimiser is unchanged (the DC term, invisible to the gradient, is left at zero).
+    sym = gradient_symbols(chi_lsqr.shape, vox, real=True)
+    gain = np.sqrt(sum((np.abs(e) ** 2).astype(np.float32) for e in sym))
+    ill_c = np.where(ill & (gain > 0), 1 / np.maximum(gain, 1e-12), 0).astype(np.float32)
+    del gain, sym
 
-    def streak_forward(x: np.ndarray) -> np.ndarray:
-        g = gradient(conv(x, ill), vox)
+    def forward(z: np.ndarray) -> np.ndarray:
+        g = gradient(_conv(z, ill_c, n_threads), vox)
         g *= w_g
         return g
 
-    def streak_adjoint(y: np.ndarray) -> np.ndarray:
-        return conv(-divergence(w_g * y, vox), ill)
+    def adjoint(y: np.ndarray) -> np.ndarray:
+        return _conv(-divergence(w_g * y, vox), ill_c, n_threads)
 
     rhs = gradient(chi_lsqr, vox)
     rhs *= w_g
-    chi_sa, _ = lsqr(
-        streak_forward, streak_adjoint, rhs, tol=tol_streak, max_iter=int(max_iter_streak)
-    )
-    del rhs, w_g
-
-    def out(x: np.ndarray) -> np.ndarray:
-        return grid.unpad(x, roi)
-
-    return ILSQRSteps(
-        chi=out(chi_lsqr - chi_sa),
-        chi_lsqr=out(chi_lsqr),
-        chi_fast=out(chi_fast),
-        chi_streak=out(chi_sa),
-    )
+    z, _ = lsqr(forward, adjoint, rhs, tol=tol, max_iter=max_iter)
+    return _conv(z, ill_c, n_threads)
 
 
 def ilsqr(
@@ -353,7 +415,7 @@ def ilsqr(
     tol_lsqr: float = 0.01,
     max_iter_lsqr: int = 30,
     tol_streak: float = 0.01,
-    max_iter_streak: int = 15,
+    max_iter_streak: int = 10,
     laplacian_percentiles: Sequence[float] = (60.0, 99.9),
     gradient_percentiles: Sequence[float] = (50.0, 70.0),
     kspace_percentiles: Sequence[float] = (1.0, 30.0),
@@ -387,7 +449,10 @@ def ilsqr(
         Step 1 stopping rule: relative normal-equation residual (paper: 0.01) and an
         iteration cap (2 FFT pairs per iteration).
     tol_streak, max_iter_streak : float, int
-        The same for step 3 (paper: 0.01; the cap bounds the run time).
+        The same for step 3 (paper: 0.01). The step is solved with a right preconditioner
+        (``1 / |E(k)|``) that leaves its minimiser unchanged; it then converges in about 10
+        iterations (measured on the 2 mm head: NRMSE 45.9 % at 5, 10 and 20 iterations; a
+        large sphere 7 % low at 10, 5 % at 20, exact at 100).
     laplacian_percentiles : (2,) floats
         Step 1 weights: 1 below the first percentile of ``|laplacian f|`` in the mask, 0
         above the second, linear between (paper: 60, 99.9).

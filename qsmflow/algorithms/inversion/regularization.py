@@ -6,11 +6,15 @@ inverse FFT (:func:`tikhonov_norms`). The two selection rules work on any pair o
 
 * :func:`lcurve_corner`: the weight at the maximum curvature of the L-curve
   ``(log ||A chi - f||, log ||R chi||)`` (Hansen & O'Leary, SIAM J Sci Comput 1993;14:1487);
+* :func:`lcurve_inflection`: the zero-curvature point past the corner (Milovic et al., Magn
+  Reson Med 2021;85:480), which lies much closer to the error-optimal weight for QSM;
 * :func:`discrepancy_lambda`: the weight whose misfit equals the expected norm of the noise
   (Morozov's discrepancy principle; Morozov, Soviet Math Dokl 1966;7:414).
 
-Both are known to over-regularise QSM somewhat (Milovic et al., Magn Reson Med 2021;85:1931):
-the L-curve corner removes the streaks at the price of some contrast.
+Measured on the simulated head (noise 0.002 ppm) with the closed-form Tikhonov inversion, the
+maximum-curvature corner lies 15-30x below the error-optimal weight (an under-regularised,
+noisy map), while the inflection point and the discrepancy principle land within a factor
+of about 2 of it.
 """
 
 from __future__ import annotations
@@ -19,10 +23,54 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["tikhonov_norms", "lcurve_corner", "discrepancy_lambda"]
+__all__ = ["tikhonov_norms", "lcurve_corner", "lcurve_inflection", "discrepancy_lambda"]
 
 # Elements per block of the vectorised norm evaluation: (n_lambdas, block) float32 temporaries.
 _BLOCK = 1 << 16
+# Dynamic range of the log-spaced cells of the binned norm evaluation.
+_LOG_RANGE = 1e-8
+
+
+def _log_bin(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Cell index of each value of ``x >= 0`` on a grid log-spaced over six decades below
+    ``max(x)`` (cell 0 holds the values below that range, zeros included)."""
+    top = float(x.max())
+    if top <= 0:
+        return np.zeros(x.shape, dtype=np.int64)
+    floor = top * _LOG_RANGE
+    scale = np.float32((n_bins - 1) / np.log(top / floor))
+    idx = np.log(np.maximum(x, np.float32(floor)) / np.float32(floor)) * scale
+    key = np.minimum(idx.astype(np.int64) + 1, n_bins - 1)
+    key[x <= floor] = 0
+    return key
+
+
+def _binned_moments(
+    p: np.ndarray, d2: np.ndarray, r: np.ndarray | None, n_bins: int
+) -> tuple[np.ndarray, ...]:
+    """Power-weighted moments of ``(D^2, R)`` per cell of a log-spaced grid over
+    ``(D^2, R)``.
+
+    Returns the cells' total power and the power-weighted means of ``D^2``, ``R``, ``R^2``
+    and ``D^2 R`` (empty cells dropped).
+    """
+    key = _log_bin(d2, n_bins)
+    if r is not None:
+        key *= n_bins
+        key += _log_bin(r, n_bins)
+    size = n_bins * n_bins if r is not None else n_bins
+    total = np.bincount(key, weights=p, minlength=size)
+    keep = total > 0
+    moments = [total[keep]]
+    pd2 = p * d2
+    moments.append(np.bincount(key, weights=pd2, minlength=size)[keep])
+    if r is not None:
+        pr = p * r
+        moments.append(np.bincount(key, weights=pr, minlength=size)[keep])
+        moments.append(np.bincount(key, weights=pr * r, minlength=size)[keep])
+        moments.append(np.bincount(key, weights=pd2 * r, minlength=size)[keep])
+    w = moments[0]
+    return (w, *(m / w for m in moments[1:]))
 
 
 def tikhonov_norms(
@@ -30,6 +78,8 @@ def tikhonov_norms(
     kernel_sq: np.ndarray,
     penalty: np.ndarray | float,
     lambdas: Sequence[float],
+    *,
+    n_bins: int | None = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Misfit and penalty norms of the Tikhonov solutions for a grid of weights.
 
@@ -38,6 +88,14 @@ def tikhonov_norms(
     so both squared norms are weighted sums of ``|F|^2`` over k-space. Where the denominator
     is zero (``D = R = 0``, the DC term of the gradient penalty) the solution and the residual
     are taken as zero, as in the inversion itself.
+
+    The sums depend on k only through ``(D^2, R)``; with ``n_bins`` they are evaluated on a
+    grid of ``n_bins`` cells over ``|D|`` (times ``n_bins`` over ``R^(1/2)`` for an array
+    penalty), from the power-weighted moments of ``D^2`` and ``R`` in each cell: a pass over
+    k-space per moment instead of one per weight. The error is second order in the cell size
+    (measured on the 2 mm simulated head: 2e-4 relative at 256 log-spaced cells per axis,
+    5e-5 at 512). ``n_bins=None`` sums exactly, vectorised over the weights in blocks of
+    k-space (a few times slower per weight than the whole binned evaluation).
 
     Parameters
     ----------
@@ -51,6 +109,8 @@ def tikhonov_norms(
         ``R(k) >= 0`` (1 for the identity, ``|E(k)|^2`` for the gradient), broadcastable.
     lambdas : sequence of float
         Regularisation weights (> 0).
+    n_bins : int or None
+        Cells per axis of the moment grid (>= 16), or None for the exact sums.
 
     Returns
     -------
@@ -61,12 +121,31 @@ def tikhonov_norms(
     lam = np.asarray(lambdas, dtype=np.float64).reshape(-1)
     if lam.size == 0 or np.any(~np.isfinite(lam)) or np.any(lam <= 0):
         raise ValueError("lambdas must be positive finite numbers")
+    if n_bins is not None and int(n_bins) < 16:
+        raise ValueError(f"n_bins must be >= 16 or None, got {n_bins}")
+    scalar_penalty = np.ndim(penalty) == 0
     p, d2, r = np.broadcast_arrays(
         np.asarray(power, np.float32),
         np.asarray(kernel_sq, np.float32),
         np.asarray(penalty, np.float32),
     )
     p, d2, r = p.reshape(-1), d2.reshape(-1), r.reshape(-1)
+    if n_bins is not None:
+        lam_col = lam[:, None]
+        if scalar_penalty:
+            r0 = float(penalty)
+            w, md2 = _binned_moments(p, d2, None, int(n_bins))
+            den = md2 + lam_col * r0
+            inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0) ** 2
+            res = (lam_col * r0) ** 2 * inv @ w
+            pen = r0 * (inv @ (w * md2))
+        else:
+            w, md2, mr, mr2, md2r = _binned_moments(p, d2, r, int(n_bins))
+            den = md2 + lam_col * mr
+            inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0) ** 2
+            res = lam**2 * (inv @ (w * mr2))
+            pen = inv @ (w * md2r)
+        return np.sqrt(np.maximum(res, 0)), np.sqrt(np.maximum(pen, 0))
     lam32 = lam.astype(np.float32)[:, None]
     res = np.zeros(lam.size)
     pen = np.zeros(lam.size)
@@ -81,6 +160,30 @@ def tikhonov_norms(
         res += ((lr * lr * inv) @ pb).astype(np.float64)
         pen += (inv @ (pb * d2b * rb)).astype(np.float64)
     return np.sqrt(res), np.sqrt(pen)
+
+
+def _lcurve_curvature(
+    lambdas: Sequence[float], residual_norms: Sequence[float], penalty_norms: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort order, ``log lambda`` and signed curvature of the log-log L-curve."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    rho = np.asarray(residual_norms, dtype=np.float64)
+    eta = np.asarray(penalty_norms, dtype=np.float64)
+    if not (lam.shape == rho.shape == eta.shape) or lam.ndim != 1 or lam.size < 5:
+        raise ValueError("the L-curve needs at least 5 (lambda, residual, penalty) triples")
+    if np.any(lam <= 0) or np.any(rho <= 0) or np.any(eta <= 0):
+        raise ValueError("lambdas and norms must be positive for the log-log L-curve")
+    order = np.argsort(lam)
+    t = np.log(lam[order])
+    x = np.log(rho[order])
+    y = np.log(eta[order])
+    dx, dy = np.gradient(x, t), np.gradient(y, t)
+    ddx, ddy = np.gradient(dx, t), np.gradient(dy, t)
+    speed = (dx * dx + dy * dy) ** 1.5
+    # Positive for the turn of an L: going down its vertical arm (small lambda), then right
+    # along its horizontal arm (large lambda) is a counter-clockwise turn.
+    kappa = np.where(speed > 0, (dx * ddy - ddx * dy) / np.where(speed > 0, speed, 1.0), 0.0)
+    return order, t, kappa
 
 
 def lcurve_corner(
@@ -112,23 +215,51 @@ def lcurve_corner(
     Hansen PC, O'Leary DP. The use of the L-curve in the regularization of discrete ill-posed
     problems. SIAM J Sci Comput 1993;14:1487-1503.
     """
-    lam = np.asarray(lambdas, dtype=np.float64)
-    rho = np.asarray(residual_norms, dtype=np.float64)
-    eta = np.asarray(penalty_norms, dtype=np.float64)
-    if not (lam.shape == rho.shape == eta.shape) or lam.ndim != 1 or lam.size < 5:
-        raise ValueError("lcurve_corner needs at least 5 (lambda, residual, penalty) triples")
-    if np.any(lam <= 0) or np.any(rho <= 0) or np.any(eta <= 0):
-        raise ValueError("lambdas and norms must be positive for the log-log L-curve")
-    order = np.argsort(lam)
-    t = np.log(lam[order])
-    x = np.log(rho[order])
-    y = np.log(eta[order])
-    dx, dy = np.gradient(x, t), np.gradient(y, t)
-    ddx, ddy = np.gradient(dx, t), np.gradient(dy, t)
-    speed = (dx * dx + dy * dy) ** 1.5
-    kappa = np.where(speed > 0, (dx * ddy - ddx * dy) / np.where(speed > 0, speed, 1.0), 0.0)
+    order, _, kappa = _lcurve_curvature(lambdas, residual_norms, penalty_norms)
+    kappa = kappa.copy()
     kappa[[0, -1]] = -np.inf
     return int(order[int(np.argmax(kappa))])
+
+
+def lcurve_inflection(
+    lambdas: Sequence[float],
+    residual_norms: Sequence[float],
+    penalty_norms: Sequence[float],
+) -> float:
+    """Weight at the L-curve's inflection: where its curvature, past the corner, turns negative.
+
+    Milovic et al. (2021) found this zero-curvature point of the log-log L-curve close to
+    the error-optimal weight for QSM, where the maximum-curvature corner is not. The sign
+    change is interpolated linearly in ``log lambda``.
+
+    Parameters
+    ----------
+    lambdas : sequence of float
+        Weights (> 0), at least 5.
+    residual_norms, penalty_norms : sequence of float
+        Norms at each weight (> 0).
+
+    Returns
+    -------
+    float
+        The weight; ValueError if the curvature does not change sign above the corner.
+
+    References
+    ----------
+    Milovic C, Prieto C, Bilgic B, Uribe S, Acosta-Cabronero J, Irarrazaval P, Tejos C.
+    Comparison of parameter optimization methods for quantitative susceptibility mapping.
+    Magn Reson Med 2021;85:480-494.
+    """
+    order, t, kappa = _lcurve_curvature(lambdas, residual_norms, penalty_norms)
+    inner = kappa.copy()
+    inner[[0, -1]] = -np.inf
+    start = int(np.argmax(inner))
+    for j in range(start + 1, t.size):
+        if kappa[j] <= 0:
+            k0, k1 = kappa[j - 1], kappa[j]
+            frac = 0.0 if k0 == k1 else k0 / (k0 - k1)
+            return float(np.exp(t[j - 1] + frac * (t[j] - t[j - 1])))
+    raise ValueError("the L-curve has no inflection above its corner; widen the lambda grid")
 
 
 def discrepancy_lambda(
