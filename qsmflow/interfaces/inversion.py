@@ -16,7 +16,12 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "tikhonov": ("tikhonov", {"regularization": "lambda_", "tikhonov_penalty": "regularization"}),
     "ilsqr": ("ilsqr", {}),
     "star": ("star_qsm", {}),
+    "medi": ("medi", {"regularization": "lam", "b0_tesla": "b0_tesla"}),
+    "ndi": ("ndi", {"b0_tesla": "b0_tesla"}),
 }
+
+#: methods that use the magnitude image (weights / edges) when in_magnitude is given
+USES_MAGNITUDE = {"medi", "ndi"}
 
 
 class _DipoleInversionInputSpec(ThreadedInputSpec):
@@ -70,6 +75,8 @@ class DipoleInversion(SimpleInterface):
             for n, kw in options.items()
             if isdefined(getattr(self.inputs, n))
         }
+        if self.inputs.method in USES_MAGNITUDE and isdefined(self.inputs.in_magnitude):
+            kwargs["magnitude"] = load_nifti(self.inputs.in_magnitude)[0]
         chi = getattr(inversion, func_name)(
             field,
             mask,

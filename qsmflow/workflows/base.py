@@ -27,6 +27,8 @@ _METHOD_TEXT = {
     "tikhonov": "Tikhonov, gradient penalty (Bilgic et al. 2014)",
     "ilsqr": "iLSQR (Li et al. 2015)",
     "star": "star-QSM (Wei et al. 2015)",
+    "medi": "MEDI (Liu et al. 2012), nonlinear data term",
+    "ndi": "NDI (Polak et al. 2020)",
     "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",
     "laplacian": "Laplacian unwrapping (Schofield & Zhu 2003)",
     "bet": "built-in BET (Smith 2002)",
@@ -182,6 +184,7 @@ def init_subject_wf(
         qsm.inputs.inputnode.echo_times = list(acq.echo_times_s)
         qsm.inputs.inputnode.b0_tesla = acq.b0_tesla
         qsm.get_node("background").inputs.b0_tesla = acq.b0_tesla
+        qsm.get_node("inversion").inputs.b0_tesla = acq.b0_tesla
         common = {"MagneticFieldStrength": acq.b0_tesla, "EchoTime": list(acq.echo_times_s)}
         for field, suffix, desc, datatype, meta in _sinks(pipeline):
             sink = pe.Node(

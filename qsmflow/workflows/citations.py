@@ -41,6 +41,12 @@ CITATIONS: dict[str, str] = {
     "quantitative susceptibility mapping. NeuroImage 2015;108:111-122.",
     "star": "Wei H et al. Streaking artifact reduction for quantitative susceptibility mapping "
     "of sources with large dynamic range. NMR Biomed 2015;28:1294-1303.",
+    "medi": "Liu T et al. Morphology enabled dipole inversion (MEDI) from a single-angle "
+    "acquisition: comparison with COSMOS in human brain imaging. Magn Reson Med "
+    "2011;66:777-783; Liu T et al. Nonlinear formulation of the magnetic field to source "
+    "relationship for robust quantitative susceptibility mapping. Magn Reson Med 2013;69:467-476.",
+    "ndi": "Polak D et al. Nonlinear dipole inversion (NDI) enables robust quantitative "
+    "susceptibility mapping (QSM). NMR Biomed 2020;33:e4271.",
 }
 
 

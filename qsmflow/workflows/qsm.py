@@ -106,6 +106,7 @@ def init_qsm_wf(
         (fit, bfr, [("out_field_ppm", "in_field")]),
         (brain_mask, bfr, [("out_mask", "in_mask")]),
         (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
+        (first_mag, invert, [("out", "in_magnitude")]),
         (invert, reference, [("out_chi", "in_chi")]),
         (bfr, reference, [("out_mask", "in_mask")]),
         (reference, outputnode, [("out_chi", "chi")]),

@@ -2,7 +2,8 @@
 
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
 returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
-:mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.regularization` (automatic lambda choice).
+:mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`,
+:mod:`.regularization` (automatic lambda choice).
 """
 
 from .direct import (
@@ -16,6 +17,8 @@ from .direct import (
     tsvd_inverse_kernel,
 )
 from .ilsqr import ILSQRSteps, ilsqr, ilsqr_steps, lsqr
+from .medi import estimate_csf_mask, medi, medi_edge_mask, medi_plus_zero
+from .ndi import ndi, phase_scale_rad_per_ppm
 from .regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
 from .star import star_qsm
 
@@ -23,11 +26,17 @@ __all__ = [
     "ILSQRSteps",
     "TIKHONOV_LAMBDA",
     "discrepancy_lambda",
+    "estimate_csf_mask",
     "ilsqr",
     "ilsqr_steps",
     "lcurve_corner",
     "lcurve_inflection",
     "lsqr",
+    "medi",
+    "medi_edge_mask",
+    "medi_plus_zero",
+    "ndi",
+    "phase_scale_rad_per_ppm",
     "star_qsm",
     "tikhonov",
     "tikhonov_filter",

@@ -1,0 +1,176 @@
+"""Tests for nonlinear dipole inversion (qsmflow.algorithms.inversion.ndi).
+
+Known answers: the k-space iteration equals a direct image-space implementation of the NDI
+update; on the noisy 2 mm simulated head NDI beats TKD with a deep-grey-matter slope near 1,
+gives the same error for an oblique B0, stays bounded and accurate when every source is three
+times stronger (calcification at -4.5 ppm), and its cone-energy rule stops early.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft
+
+from qsmflow.algorithms.dipole import dipole_kernel, forward_field
+from qsmflow.algorithms.inversion.direct import tkd
+from qsmflow.algorithms.inversion.ndi import ndi, phase_scale_rad_per_ppm
+from qsmflow.algorithms.metrics import calcification_metrics, dgm_linearity, nrmse_demeaned
+
+VOX = (2.0, 2.0, 2.0)
+OBLIQUE_B0 = (0.35, -0.25, 1.0)  # 23 degrees from the z axis
+
+
+def noise_ppm(sim, sigma_ppm=0.002, seed=0):
+    """Noise of a multi-echo field fit at SNR ~100: Gaussian, ``sigma_ppm`` where the first-echo
+    magnitude is at its brain mean, scaled by mean / magnitude (at most 5x)."""
+    mag = sim.magnitude[..., 0]
+    ref = float(mag[sim.mask].mean())
+    scale = ref / np.maximum(mag, 0.2 * ref)
+    return (np.random.default_rng(seed).standard_normal(mag.shape) * sigma_ppm * scale).astype(
+        np.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def case(sim_2mm):
+    sim = sim_2mm
+    noise = noise_ppm(sim)
+    field = np.where(sim.mask, sim.local_field_ppm + noise, 0).astype(np.float32)
+    chi, n_iter = ndi(
+        field, sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, return_iterations=True,
+        n_threads=2,
+    )  # fmt: skip
+    return {"sim": sim, "noise": noise, "field": field, "ndi": chi, "n_iter": n_iter}
+
+
+def test_phase_scale():
+    # 2 pi * 42.577 MHz/T * 3 T * 5 ms * 1e-6
+    assert phase_scale_rad_per_ppm(3.0, 0.005) == pytest.approx(4.01283, rel=1e-5)
+    for b0, te in [(0.0, 0.005), (3.0, 0.0), (3.0, 20.0)]:
+        with pytest.raises(ValueError):
+            phase_scale_rad_per_ppm(b0, te)
+
+
+def test_iteration_matches_direct_update():
+    """Five iterations against x <- x - tau D[W^2 sin(D x - phi)] written out in image space."""
+    rng = np.random.default_rng(0)
+    shape, vox, b0 = (24, 20, 18), (1.0, 1.2, 1.5), (0.2, -0.1, 1.0)
+    mask = np.ones(shape, bool)
+    field = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    mag = rng.uniform(0.3, 1.0, shape).astype(np.float32)
+    scale = phase_scale_rad_per_ppm(3.0, 0.005)
+    chi = ndi(field, mask, vox, b0, magnitude=mag, stop="none", max_iter=5, margin_mm=0.0)
+
+    kernel = dipole_kernel(shape, vox, b0, real=True)
+
+    def conv(v):
+        return scipy.fft.irfftn(scipy.fft.rfftn(v) * kernel, s=shape)
+
+    w2 = np.minimum(mag / np.percentile(mag, 99.9), 1.0) ** 2
+    x = np.zeros(shape)
+    for _ in range(5):
+        x = x - 2.0 * conv(w2 * np.sin(conv(x) - scale * field))
+    np.testing.assert_allclose(chi, x / scale, atol=2e-4 * np.abs(x / scale).max())
+
+
+def test_ndi_beats_tkd(case):
+    sim = case["sim"]
+    base = tkd(case["field"], sim.mask, VOX, sim.b0_dir, threshold=0.19)
+    chi = case["ndi"]
+    assert chi.dtype == np.float32 and chi.shape == sim.mask.shape
+    assert not chi[~sim.mask].any() and np.all(np.isfinite(chi))
+    assert case["n_iter"] < 200  # the gradient-change rule stopped it (122 iterations)
+    e_tkd = nrmse_demeaned(base, sim.chi_ppm, sim.mask)
+    e_ndi = nrmse_demeaned(chi, sim.chi_ppm, sim.mask)
+    # measured: TKD 54.2 %, NDI 48.0 % (11 % lower; deep-grey slope 0.886). NDI has no
+    # regulariser but early stopping: at this noise level no iteration count gets below 47 %
+    # (noise-free it reaches 34 % after 400 iterations), so the 25 % margin the other methods
+    # are held to is out of its reach and not asserted.
+    assert e_ndi < 0.92 * e_tkd
+    assert dgm_linearity(chi, sim.chi_ppm, sim.segmentation) < 0.15
+
+
+def test_oblique_b0_matches_axial(case):
+    sim = case["sim"]
+    chi_brain = np.where(sim.mask, sim.chi_ppm - sim.chi_ppm[sim.mask].mean(), 0)
+    field = forward_field(chi_brain.astype(np.float32), VOX, OBLIQUE_B0, pad_factor=2.0)
+    field = np.where(sim.mask, field + case["noise"], 0).astype(np.float32)
+    chi = ndi(field, sim.mask, VOX, OBLIQUE_B0, magnitude=sim.magnitude, n_threads=2)
+    e_axial = nrmse_demeaned(case["ndi"], sim.chi_ppm, sim.mask)
+    e_oblique = nrmse_demeaned(chi, sim.chi_ppm, sim.mask)
+    # measured: 48.0 % axial, 47.6 % oblique (deep-grey slope 0.886 and 0.832)
+    assert abs(e_oblique - e_axial) < 5.0
+
+
+def test_strong_susceptibility_stays_bounded(case):
+    """Every source three times stronger: veins ~1 ppm, calcification -4.5 ppm, whose field
+    reaches ~0.9 ppm (3.6 rad at the 5 ms reference: sin() turns over)."""
+    sim = case["sim"]
+    truth = 3.0 * sim.chi_ppm
+    field = np.where(sim.mask, 3.0 * sim.local_field_ppm + case["noise"], 0).astype(np.float32)
+    chi = ndi(field, sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, n_threads=2)
+    assert np.all(np.isfinite(chi))
+    assert np.abs(chi).max() < np.abs(truth[sim.mask]).max()
+    e3 = nrmse_demeaned(chi, truth, sim.mask)
+    e_tkd = nrmse_demeaned(tkd(field, sim.mask, VOX, sim.b0_dir), truth, sim.mask)
+    # measured: 38.2 % (TKD 45.0 %), calcification moment error 5.1 (TKD 6.8) ppm x voxels;
+    # the noise is relatively 3x lower, so no worse than at 1x
+    assert e3 < nrmse_demeaned(case["ndi"], sim.chi_ppm, sim.mask)
+    assert e3 < e_tkd
+    moment, _ = calcification_metrics(chi, truth, sim.segmentation)
+    moment_tkd, _ = calcification_metrics(
+        tkd(field, sim.mask, VOX, sim.b0_dir), truth, sim.segmentation
+    )
+    assert moment < moment_tkd
+
+
+def test_cone_stopping_rule(case):
+    sim = case["sim"]
+    chi, n_iter = ndi(
+        case["field"], sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, stop="cone",
+        return_iterations=True, n_threads=2,
+    )  # fmt: skip
+    # measured: stops after 85 iterations at 47.3 %
+    assert 3 < n_iter < case["n_iter"]
+    assert nrmse_demeaned(chi, sim.chi_ppm, sim.mask) < 50.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tau": 5.0},  # beyond 2 / (4/9) = 4.5: unstable
+        {"tau": 0.0},
+        {"alpha": -1.0},
+        {"max_iter": 0},
+        {"stop": "never"},
+        {"te_s": 5.0},
+        {"margin_mm": -1.0},
+        {"magnitude": np.zeros((10, 10, 10), np.float32)},
+        {"magnitude": np.ones((4, 4, 4), np.float32)},
+        {"noise_sd_ppm": np.zeros((10, 10, 10), np.float32)},
+    ],
+)
+def test_bad_parameters(kwargs):
+    field = np.zeros((10, 10, 10), np.float32)
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:8, 2:8, 2:8] = True
+    with pytest.raises(ValueError):
+        ndi(field, mask, (1.0, 1.0, 1.0), **kwargs)
+
+
+def test_bad_inputs():
+    field = np.zeros((10, 10, 10), np.float32)
+    mask = np.ones((10, 10, 10), bool)
+    with pytest.raises(ValueError):
+        ndi(field[0], mask[0], (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError):
+        ndi(field, ~mask, (1.0, 1.0, 1.0))
+    bad = field.copy()
+    bad[5, 5, 5] = np.inf
+    with pytest.raises(ValueError):
+        ndi(bad, mask, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError):
+        ndi(field, mask, (1.0, 1.0))
+    with pytest.raises(ValueError):
+        ndi(field, mask, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
