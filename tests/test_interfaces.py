@@ -228,7 +228,9 @@ def test_every_background_method_runs_through_the_interface(interface_data, tmp_
     assert metrics.correlation(local, sim.local_field_ppm, valid) > 0.6
 
 
-@pytest.mark.parametrize("method", ["tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi"])
+@pytest.mark.parametrize(
+    "method", ["tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi", "tgv"]
+)
 def test_every_inversion_method_runs_through_the_interface(interface_data, tmp_path, method):
     sim = interface_data["sim"]
     local = tmp_path / "local.nii.gz"

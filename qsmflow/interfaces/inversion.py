@@ -18,6 +18,7 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "star": ("star_qsm", {}),
     "medi": ("medi", {"regularization": "lam", "b0_tesla": "b0_tesla"}),
     "ndi": ("ndi", {"b0_tesla": "b0_tesla"}),
+    "tgv": ("tgv", {}),
 }
 
 #: methods that use the magnitude image (weights / edges) when in_magnitude is given

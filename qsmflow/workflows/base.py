@@ -29,6 +29,7 @@ _METHOD_TEXT = {
     "star": "star-QSM (Wei et al. 2015)",
     "medi": "MEDI (Liu et al. 2012), nonlinear data term",
     "ndi": "NDI (Polak et al. 2020)",
+    "tgv": "TGV (Langkammer et al. 2015), local-field variant",
     "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",
     "laplacian": "Laplacian unwrapping (Schofield & Zhu 2003)",
     "bet": "built-in BET (Smith 2002)",

@@ -47,6 +47,8 @@ CITATIONS: dict[str, str] = {
     "relationship for robust quantitative susceptibility mapping. Magn Reson Med 2013;69:467-476.",
     "ndi": "Polak D et al. Nonlinear dipole inversion (NDI) enables robust quantitative "
     "susceptibility mapping (QSM). NMR Biomed 2020;33:e4271.",
+    "tgv": "Langkammer C et al. Fast quantitative susceptibility mapping using 3D EPI and total "
+    "generalized variation. NeuroImage 2015;111:622-630.",
 }
 
 

@@ -15,7 +15,7 @@ OPTIONS: dict[str, Any] = {
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
     "bfr_method": ("vsharp", "sharp", "resharp", "ismv", "pdf", "lbv"),
-    "inversion_method": ("tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi"),
+    "inversion_method": ("tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi", "tgv"),
 }
 
 

@@ -2,7 +2,7 @@
 
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
 returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
-:mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`,
+:mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`, :mod:`.tgv`,
 :mod:`.regularization` (automatic lambda choice).
 """
 
@@ -21,9 +21,12 @@ from .medi import estimate_csf_mask, medi, medi_edge_mask, medi_plus_zero
 from .ndi import ndi, phase_scale_rad_per_ppm
 from .regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
 from .star import star_qsm
+from .tgv import TGV_ALPHA_PPM, TGV_ALPHA_RAD, tgv, tgv_alpha_for_phase
 
 __all__ = [
     "ILSQRSteps",
+    "TGV_ALPHA_PPM",
+    "TGV_ALPHA_RAD",
     "TIKHONOV_LAMBDA",
     "discrepancy_lambda",
     "estimate_csf_mask",
@@ -38,6 +41,8 @@ __all__ = [
     "ndi",
     "phase_scale_rad_per_ppm",
     "star_qsm",
+    "tgv",
+    "tgv_alpha_for_phase",
     "tikhonov",
     "tikhonov_filter",
     "tikhonov_lambda",
