@@ -229,7 +229,7 @@ def test_every_background_method_runs_through_the_interface(interface_data, tmp_
 
 
 @pytest.mark.parametrize(
-    "method", ["tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi", "tgv"]
+    "method", ["tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi", "tgv", "tv", "rts"]
 )
 def test_every_inversion_method_runs_through_the_interface(interface_data, tmp_path, method):
     sim = interface_data["sim"]

@@ -19,10 +19,12 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "medi": ("medi", {"regularization": "lam", "b0_tesla": "b0_tesla"}),
     "ndi": ("ndi", {"b0_tesla": "b0_tesla"}),
     "tgv": ("tgv", {}),
+    "tv": ("tv_admm", {"regularization": "lambda_", "b0_tesla": "b0_tesla"}),
+    "rts": ("rts", {}),
 }
 
 #: methods that use the magnitude image (weights / edges) when in_magnitude is given
-USES_MAGNITUDE = {"medi", "ndi"}
+USES_MAGNITUDE = {"medi", "ndi", "tv"}
 
 
 class _DipoleInversionInputSpec(ThreadedInputSpec):

@@ -30,6 +30,8 @@ _METHOD_TEXT = {
     "medi": "MEDI (Liu et al. 2012), nonlinear data term",
     "ndi": "NDI (Polak et al. 2020)",
     "tgv": "TGV (Langkammer et al. 2015), local-field variant",
+    "tv": "TV-ADMM (Bilgic et al. 2014; FANSI, Milovic et al. 2018)",
+    "rts": "RTS (Kames et al. 2018)",
     "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",
     "laplacian": "Laplacian unwrapping (Schofield & Zhu 2003)",
     "bet": "built-in BET (Smith 2002)",

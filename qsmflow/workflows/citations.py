@@ -49,6 +49,12 @@ CITATIONS: dict[str, str] = {
     "susceptibility mapping (QSM). NMR Biomed 2020;33:e4271.",
     "tgv": "Langkammer C et al. Fast quantitative susceptibility mapping using 3D EPI and total "
     "generalized variation. NeuroImage 2015;111:622-630.",
+    "tv": "Bilgic B et al. Fast quantitative susceptibility mapping with L1-regularization and "
+    "automatic parameter selection. Magn Reson Med 2014;72:1444-1459; Milovic C et al. Fast "
+    "nonlinear susceptibility inversion with variational regularization. Magn Reson Med "
+    "2018;80:814-821.",
+    "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
+    "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
 }
 
 

@@ -15,7 +15,18 @@ OPTIONS: dict[str, Any] = {
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
     "bfr_method": ("vsharp", "sharp", "resharp", "ismv", "pdf", "lbv"),
-    "inversion_method": ("tkd", "tsvd", "tikhonov", "ilsqr", "star", "medi", "ndi", "tgv"),
+    "inversion_method": (
+        "tkd",
+        "tsvd",
+        "tikhonov",
+        "ilsqr",
+        "star",
+        "medi",
+        "ndi",
+        "tgv",
+        "tv",
+        "rts",
+    ),
 }
 
 

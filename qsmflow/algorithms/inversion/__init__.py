@@ -3,7 +3,7 @@
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
 returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
 :mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`, :mod:`.tgv`,
-:mod:`.regularization` (automatic lambda choice).
+:mod:`.tv` (TV-ADMM / FANSI), :mod:`.rts`, :mod:`.regularization` (automatic lambda choice).
 """
 
 from .direct import (
@@ -20,8 +20,10 @@ from .ilsqr import ILSQRSteps, ilsqr, ilsqr_steps, lsqr
 from .medi import estimate_csf_mask, medi, medi_edge_mask, medi_plus_zero
 from .ndi import ndi, phase_scale_rad_per_ppm
 from .regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
+from .rts import rts
 from .star import star_qsm
 from .tgv import TGV_ALPHA_PPM, TGV_ALPHA_RAD, tgv, tgv_alpha_for_phase
+from .tv import tv_admm, tv_lambda_lcurve
 
 __all__ = [
     "ILSQRSteps",
@@ -40,6 +42,7 @@ __all__ = [
     "medi_plus_zero",
     "ndi",
     "phase_scale_rad_per_ppm",
+    "rts",
     "star_qsm",
     "tgv",
     "tgv_alpha_for_phase",
@@ -50,5 +53,7 @@ __all__ = [
     "tkd",
     "tkd_inverse_kernel",
     "tsvd",
+    "tv_admm",
+    "tv_lambda_lcurve",
     "tsvd_inverse_kernel",
 ]
