@@ -18,6 +18,7 @@ the soft threshold ``1 / rho`` is in ppm/mm).
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 
@@ -27,13 +28,14 @@ from scipy.sparse.linalg import LinearOperator, lsmr
 
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
-
-# The fused ADMM kernels of the TV module; looked up through the module at call time, since
-# tv._compile_kernels() replaces them with their compiled versions.
-from . import tv as _tv
 from ._common import check_inversion_inputs, gradient_symbols
 
 __all__ = ["rts", "rts_well_conditioned"]
+
+# The fused ADMM kernels of the TV module, looked up through the module object at call time
+# (tv._compile_kernels() swaps them for their compiled versions; the package namespace may
+# shadow submodule names with functions, hence import_module).
+_tv = importlib.import_module(".tv", __package__)
 
 
 def _positive(name: str, value) -> float:
