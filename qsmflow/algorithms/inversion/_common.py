@@ -64,17 +64,27 @@ def check_inversion_inputs(
 
 def gradient(x: np.ndarray, voxel_size_mm: Sequence[float]) -> np.ndarray:
     """Forward differences per mm along each axis, periodic; shape (3, *x.shape), float32."""
+    x = np.asarray(x, dtype=np.float32)
     out = np.empty((3, *x.shape), dtype=np.float32)
     for axis in range(3):
-        out[axis] = (np.roll(x, -1, axis=axis) - x) / np.float32(voxel_size_mm[axis])
+        g = np.moveaxis(out[axis], axis, 0)
+        xa = np.moveaxis(x, axis, 0)
+        np.subtract(xa[1:], xa[:-1], out=g[:-1])  # slices, no full-array copies
+        np.subtract(xa[:1], xa[-1:], out=g[-1:])  # periodic wrap
+        g *= np.float32(1.0 / voxel_size_mm[axis])
     return out
 
 
 def divergence(g: np.ndarray, voxel_size_mm: Sequence[float]) -> np.ndarray:
     """Backward-difference divergence, the negative adjoint of :func:`gradient`."""
     out = np.zeros(g.shape[1:], dtype=np.float32)
+    o = [np.moveaxis(out, axis, 0) for axis in range(3)]
     for axis in range(3):
-        out += (g[axis] - np.roll(g[axis], 1, axis=axis)) / np.float32(voxel_size_mm[axis])
+        ga = np.moveaxis(np.asarray(g[axis], dtype=np.float32), axis, 0)
+        inv = np.float32(1.0 / voxel_size_mm[axis])
+        oa = o[axis]
+        oa[1:] += (ga[1:] - ga[:-1]) * inv
+        oa[:1] += (ga[:1] - ga[-1:]) * inv
     return out
 
 
