@@ -43,6 +43,7 @@ _N_LEVELS = 256  # level 0 = no edge, 1..255 = quantised weight
 _KERNELS = (
     "_wrap",
     "_edge_weight",
+    "_pair_weight",
     "_edge_levels",
     "_voxel_quality",
     "_seed_scores",
@@ -101,6 +102,21 @@ def _edge_weight(pa, pb, qa, qb, use_q, inv_ratio, ma, mb, use_m, inv_mref):
     return w if w > 0.0 else 0.0
 
 
+def _pair_weight(phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, x, y, z, x2, y2, z2):
+    """Weight of the edge between voxels (x, y, z) and (x2, y2, z2)."""
+    qa = qb = np.float32(0.0)
+    if use_q:
+        qa = phase2[x, y, z]
+        qb = phase2[x2, y2, z2]
+    ma = mb = np.float32(1.0)
+    if use_m:
+        ma = mag[x, y, z]
+        mb = mag[x2, y2, z2]
+    return _edge_weight(
+        phase[x, y, z], phase[x2, y2, z2], qa, qb, use_q, inv_ratio, ma, mb, use_m, inv_mref
+    )
+
+
 def _edge_levels(phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, mask, levels):
     """Quantised weights of the forward edges: ``levels[v, d]`` joins flat voxel ``v`` with its
     neighbour one step further along axis ``d``; 0 where that neighbour is off the grid or
@@ -120,25 +136,8 @@ def _edge_levels(phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, mask, le
                     z2 = z + (d == 2)
                     if x2 >= nx or y2 >= ny or z2 >= nz or mask[x2, y2, z2] == 0:
                         continue
-                    qa = qb = np.float32(0.0)
-                    if use_q:
-                        qa = phase2[x, y, z]
-                        qb = phase2[x2, y2, z2]
-                    ma = mb = np.float32(1.0)
-                    if use_m:
-                        ma = mag[x, y, z]
-                        mb = mag[x2, y2, z2]
-                    w = _edge_weight(
-                        phase[x, y, z],
-                        phase[x2, y2, z2],
-                        qa,
-                        qb,
-                        use_q,
-                        inv_ratio,
-                        ma,
-                        mb,
-                        use_m,
-                        inv_mref,
+                    w = _pair_weight(
+                        phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, x, y, z, x2, y2, z2
                     )
                     lev = 1 + int(w * (_N_LEVELS - 2) + 0.5)
                     levels[v, d] = lev if lev < _N_LEVELS else _N_LEVELS - 1
@@ -161,25 +160,8 @@ def _voxel_quality(phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, mask, 
                     z2 = z + (d == 2)
                     if x2 >= nx or y2 >= ny or z2 >= nz or mask[x2, y2, z2] == 0:
                         continue
-                    qa = qb = np.float32(0.0)
-                    if use_q:
-                        qa = phase2[x, y, z]
-                        qb = phase2[x2, y2, z2]
-                    ma = mb = np.float32(1.0)
-                    if use_m:
-                        ma = mag[x, y, z]
-                        mb = mag[x2, y2, z2]
-                    w = _edge_weight(
-                        phase[x, y, z],
-                        phase[x2, y2, z2],
-                        qa,
-                        qb,
-                        use_q,
-                        inv_ratio,
-                        ma,
-                        mb,
-                        use_m,
-                        inv_mref,
+                    w = _pair_weight(
+                        phase, phase2, use_q, inv_ratio, mag, use_m, inv_mref, x, y, z, x2, y2, z2
                     )
                     out[x, y, z] += w
                     out[x2, y2, z2] += w
