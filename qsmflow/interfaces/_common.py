@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, isdefined, traits
 
-from ..io.nifti import b0_direction_from_affine
+from ..io.nifti import b0_direction_from_affine, load_nifti
 
 
 class ThreadedInputSpec(BaseInterfaceInputSpec):
@@ -48,3 +48,15 @@ def field_to_ppm(field: np.ndarray, units: str, b0_tesla, name: str = "in_field"
     if not isdefined(b0_tesla) or b0_tesla is None or b0_tesla <= 0:
         raise ValueError(f"{name} is in Hz: set b0_tesla (Tesla) to convert it to ppm")
     return field / np.float32(GAMMA_BAR_MHZ_PER_T * b0_tesla)
+
+
+def load_field_and_mask(field_file: str, mask_file: str):
+    """Load a field map and its mask; the error names both files when the grids differ."""
+    field, img = load_nifti(field_file)
+    mask = load_nifti(mask_file, dtype=bool)[0]
+    if field.shape != mask.shape:
+        raise ValueError(
+            f"{mask_file}: mask shape {mask.shape} differs from field {field_file} shape "
+            f"{field.shape}"
+        )
+    return field, mask, img

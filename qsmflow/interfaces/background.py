@@ -7,8 +7,14 @@ from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined
 
 from .. import GAMMA_BAR_MHZ_PER_T
 from ..algorithms import background
-from ..io.nifti import load_nifti, save_nifti, voxel_sizes
-from ._common import ThreadedInputSpec, b0_direction, field_to_ppm, output_path
+from ..io.nifti import save_nifti, voxel_sizes
+from ._common import (
+    ThreadedInputSpec,
+    b0_direction,
+    field_to_ppm,
+    load_field_and_mask,
+    output_path,
+)
 
 #: method -> (function name in qsmflow.algorithms.background, needs B0 direction,
 #:            interface option -> function keyword)
@@ -63,13 +69,7 @@ class BackgroundRemoval(SimpleInterface):
     output_spec = _BackgroundRemovalOutputSpec
 
     def _run_interface(self, runtime):
-        field, img = load_nifti(self.inputs.in_field)
-        mask = load_nifti(self.inputs.in_mask, dtype=bool)[0]
-        if field.shape != mask.shape:
-            raise ValueError(
-                f"{self.inputs.in_mask}: mask shape {mask.shape} differs from field "
-                f"{self.inputs.in_field} shape {field.shape}"
-            )
+        field, mask, img = load_field_and_mask(self.inputs.in_field, self.inputs.in_mask)
         field = field_to_ppm(field, self.inputs.field_units, self.inputs.b0_tesla)
         func_name, needs_b0, options = METHODS[self.inputs.method]
         kwargs = {

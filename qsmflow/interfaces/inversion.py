@@ -7,7 +7,13 @@ from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined
 
 from ..algorithms import inversion, reference
 from ..io.nifti import load_nifti, save_nifti, voxel_sizes
-from ._common import ThreadedInputSpec, b0_direction, field_to_ppm, output_path
+from ._common import (
+    ThreadedInputSpec,
+    b0_direction,
+    field_to_ppm,
+    load_field_and_mask,
+    output_path,
+)
 
 #: method -> (function in qsmflow.algorithms.inversion, interface option -> keyword)
 METHODS: dict[str, tuple[str, dict[str, str]]] = {
@@ -62,13 +68,7 @@ class DipoleInversion(SimpleInterface):
     output_spec = _DipoleInversionOutputSpec
 
     def _run_interface(self, runtime):
-        field, img = load_nifti(self.inputs.in_field)
-        mask = load_nifti(self.inputs.in_mask, dtype=bool)[0]
-        if field.shape != mask.shape:
-            raise ValueError(
-                f"{self.inputs.in_mask}: mask shape {mask.shape} differs from field "
-                f"{self.inputs.in_field} shape {field.shape}"
-            )
+        field, mask, img = load_field_and_mask(self.inputs.in_field, self.inputs.in_mask)
         if not np.all(np.isfinite(field[mask])):
             raise ValueError(f"{self.inputs.in_field}: NaN or Inf inside the mask")
         field = field_to_ppm(field, self.inputs.field_units, self.inputs.b0_tesla)
