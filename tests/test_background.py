@@ -21,9 +21,10 @@ from qsmflow.algorithms.background import (
     smv_kernel,
     vsharp,
 )
-from qsmflow.algorithms.background.smv import _lcurve_corner, _sphere_offsets
+from qsmflow.algorithms.background.smv import _sphere_offsets
 from qsmflow.algorithms.dipole import forward_field
 from qsmflow.algorithms.metrics import correlation, nrmse_demeaned
+from qsmflow.algorithms.regularization import lcurve_corner
 
 #: The methods that take one sphere radius, and all four.
 ONE_RADIUS = {"sharp": sharp, "resharp": resharp, "ismv": ismv}
@@ -257,7 +258,7 @@ def test_lcurve_corner_of_a_tikhonov_problem():
     misfit = np.array([np.linalg.norm(sv * x - data) for x in solutions])
     norm = np.array([np.linalg.norm(x) for x in solutions])
     err = np.array([np.linalg.norm(x - truth) for x in solutions])
-    corner = _lcurve_corner(lambdas, misfit, norm)
+    corner = lcurve_corner(lambdas, misfit, norm)
     # measured: corner 5.6e-6 (error 1.30), best 1e-4 (0.53), ends 3.7 (lambda 1), 23 (1e-8)
     assert 1e-6 < lambdas[corner] < 1e-3
     assert err[corner] < 3 * err.min() and err[corner] < err[0] / 2 and err[corner] < err[-1] / 10

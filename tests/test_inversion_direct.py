@@ -25,13 +25,13 @@ from qsmflow.algorithms.inversion.direct import (
     tsvd,
     tsvd_inverse_kernel,
 )
-from qsmflow.algorithms.inversion.regularization import (
+from qsmflow.algorithms.metrics import dgm_linearity, nrmse_demeaned
+from qsmflow.algorithms.regularization import (
     discrepancy_lambda,
     lcurve_corner,
     lcurve_inflection,
     tikhonov_norms,
 )
-from qsmflow.algorithms.metrics import dgm_linearity, nrmse_demeaned
 
 VOX_2MM = (2.0, 2.0, 2.0)
 

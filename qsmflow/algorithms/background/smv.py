@@ -27,6 +27,7 @@ import numpy as np
 import scipy.fft
 
 from ..fft import crop_centered, pad_centered, padded_shape
+from ..regularization import lcurve_corner
 from ._validate import check_inputs
 
 __all__ = ["default_radii_mm", "smv_kernel", "sharp", "vsharp", "resharp", "ismv"]
@@ -444,23 +445,6 @@ class _ResharpProblem:
         return float(np.linalg.norm(misfit)), float(np.linalg.norm(x))
 
 
-def _lcurve_corner(lambdas: np.ndarray, misfits: np.ndarray, norms: np.ndarray) -> int:
-    """Index of the point of maximum curvature of ``(log misfit, log norm)`` against log lambda.
-
-    Derivatives are centred finite differences on the (non-uniform) log-lambda grid; the ends
-    have no curvature estimate and are never chosen.
-    """
-    t = np.log(lambdas)
-    x, y = np.log(misfits), np.log(norms)
-    dx, dy = np.gradient(x, t), np.gradient(y, t)
-    ddx, ddy = np.gradient(dx, t), np.gradient(dy, t)
-    kappa = (dx * ddy - ddx * dy) / np.maximum((dx * dx + dy * dy) ** 1.5, 1e-30)
-    # Walking the curve with growing lambda it turns left (counter-clockwise) at the corner,
-    # from falling steeply in log norm to rising in log misfit: the largest positive curvature.
-    kappa[[0, -1]] = -np.inf
-    return int(np.argmax(kappa))
-
-
 def resharp(
     total_field_ppm: np.ndarray,
     mask: np.ndarray,
@@ -578,7 +562,7 @@ def resharp(
             misfit, norm = problem.norms(x)
             misfits.append(misfit)
             norms.append(norm)
-        x = solutions[_lcurve_corner(lam_grid, np.array(misfits), np.array(norms))]
+        x = solutions[lcurve_corner(lam_grid, misfits, norms)]
     else:
         x, _, _ = problem.solve(float(lambda_), x, tol, max_iter)
     local = grid.ifft(x)

@@ -3,9 +3,10 @@
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
 returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
 :mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`, :mod:`.tgv`,
-:mod:`.tv` (TV-ADMM / FANSI), :mod:`.rts`, :mod:`.regularization` (automatic lambda choice).
+:mod:`.tv` (TV-ADMM / FANSI), :mod:`.rts`; lambda rules: :mod:`qsmflow.algorithms.regularization`.
 """
 
+from ..regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
 from .direct import (
     TIKHONOV_LAMBDA,
     tikhonov,
@@ -19,7 +20,6 @@ from .direct import (
 from .ilsqr import ILSQRSteps, ilsqr, ilsqr_steps, lsqr
 from .medi import estimate_csf_mask, medi, medi_edge_mask, medi_plus_zero
 from .ndi import ndi, phase_scale_rad_per_ppm
-from .regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
 from .rts import rts
 from .star import star_qsm
 from .tgv import TGV_ALPHA_PPM, TGV_ALPHA_RAD, tgv, tgv_alpha_for_phase

@@ -17,13 +17,13 @@ import scipy.fft
 
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
-from ._common import check_inversion_inputs, gradient_symbols
-from .regularization import (
+from ..regularization import (
     discrepancy_lambda,
     lcurve_corner,
     lcurve_inflection,
     tikhonov_norms,
 )
+from ._common import check_inversion_inputs, gradient_symbols
 
 __all__ = [
     "tkd_inverse_kernel",
@@ -313,7 +313,7 @@ def tikhonov_lambda(
     """Choose the Tikhonov weight automatically, by L-curve or discrepancy principle.
 
     The norms of the closed-form solutions for every weight of the grid are computed at once
-    in k-space (:func:`qsmflow.algorithms.inversion.regularization.tikhonov_norms`), so the
+    in k-space (:func:`qsmflow.algorithms.regularization.tikhonov_norms`), so the
     choice costs one forward FFT and a few passes over the spectrum per weight.
 
     Parameters
@@ -324,12 +324,12 @@ def tikhonov_lambda(
         Penalty ``||chi||^2`` or ``||grad chi||^2``.
     method : {"lcurve", "inflection", "discrepancy"}
         ``"lcurve"``: maximum curvature of ``(log ||D chi - f||, log ||R^(1/2) chi||)``
-        (:func:`~qsmflow.algorithms.inversion.regularization.lcurve_corner`; on the
+        (:func:`~qsmflow.algorithms.regularization.lcurve_corner`; on the
         simulated head 15-30x below the best weight: noisy maps).
         ``"inflection"``: the zero-curvature point past the corner
-        (:func:`~qsmflow.algorithms.inversion.regularization.lcurve_inflection`).
+        (:func:`~qsmflow.algorithms.regularization.lcurve_inflection`).
         ``"discrepancy"``: the weight whose misfit equals ``sqrt(n_mask) * noise_ppm``
-        (:func:`~qsmflow.algorithms.inversion.regularization.discrepancy_lambda`); the
+        (:func:`~qsmflow.algorithms.regularization.discrepancy_lambda`); the
         misfit is taken over the padded grid, where only mask voxels carry noise.
     noise_ppm : float, optional
         Standard deviation of the field noise per voxel (ppm); required for

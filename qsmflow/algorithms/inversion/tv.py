@@ -45,9 +45,9 @@ import scipy.fft
 
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
+from ..regularization import lcurve_corner
 from ._common import check_inversion_inputs, gradient, gradient_symbols
 from .ndi import _magnitude_3d, phase_scale_rad_per_ppm
-from .regularization import lcurve_corner
 
 __all__ = [
     "tv_admm",
