@@ -14,9 +14,10 @@ from another and the measured process holds only the row's inputs:
    read right after it;
 3. ``check`` compares the output with a reference and returns the accuracy text.
 
-To add a row, write its three functions and append a :class:`Benchmark` to ``ROWS`` (the one
-registry, at the end of the row definitions). This orchestrating process imports only the standard
-library, so it adds nothing to a child's peak memory.
+To add rows for a new step, write a module ``benchmarks/rows_<step>.py`` with ``ORDER`` and
+``rows()`` (see :func:`_module_rows`); shared helpers live in ``benchmarks/common.py``. This
+orchestrating process imports only the standard library (qsmflow is imported by the children), so
+it adds nothing to a child's peak memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import pickle
 import platform
 import resource
 import shutil
@@ -43,83 +43,25 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmark the checkout, installed or not
     sys.path.insert(0, str(REPO_ROOT))
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # row modules import ``common``
+    sys.path.insert(0, str(BENCH_DIR))
 
-MATRIX_1MM = (176, 208, 160)
-MATRIX_2MM = (88, 104, 80)
-ISO_1MM = (1.0, 1.0, 1.0)
-ISO_2MM = (2.0, 2.0, 2.0)
-#: Grid of the phase-processing rows (unwrapping, field fit, coil combination), as in the issue
-#: that set their targets: 200 x 200 x 160 at 1 mm, 4 echoes, 2 cores.
-MATRIX_PHASE_1MM = (200, 200, 160)
-MATRIX_PHASE_2MM = (100, 100, 80)
+from common import (  # noqa: E402
+    ISO_1MM,
+    ISO_2MM,
+    MATRIX_1MM,
+    MATRIX_2MM,
+    MATRIX_PHASE_1MM,
+    MATRIX_PHASE_2MM,
+    Benchmark,
+    dump,
+    load,
+    save_truth,
+    simulated_head,
+)
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """One row of the table.
-
-    Attributes
-    ----------
-    name : str
-        Unique id, used by ``--only`` (``<step>-<size>``, e.g. ``forward-1mm``).
-    step : str
-        Text for the "step" column.
-    matrix, voxel_mm : (3,) tuples
-        Image matrix and voxel size in mm of the row's data.
-    setup : callable(bench, workdir) -> dict
-        Builds the inputs (not measured). Runs in its own process; the dict is pickled.
-        ``workdir`` is a scratch folder removed after the row.
-    prepare : callable(inputs, n_threads) -> callable()
-        Runs in the measured process before the clock starts: imports and binds arguments.
-        The returned zero-argument callable is what is timed; its result goes to ``check``.
-    check : callable(bench, inputs, output) -> str
-        Accuracy text (not measured), in its own process.
-    quick : bool
-        Part of ``--quick``.
-    """
-
-    name: str
-    step: str
-    matrix: tuple[int, int, int]
-    voxel_mm: tuple[float, float, float]
-    setup: Callable[[Benchmark, Path], dict]
-    prepare: Callable[[dict, int], Callable[[], Any]]
-    check: Callable[[Benchmark, dict, Any], str]
-    quick: bool = False
-
-
-# ------------------------------------------------------------------------------ shared inputs
-def simulated_head(
-    bench: Benchmark, fields: Sequence[str] = ("chi_ppm", "mask"), **params: Any
-) -> dict:
-    """Arrays of one simulated acquisition of head model 0 on ``bench``'s grid.
-
-    Returns ``fields`` of :class:`qsmflow.simulate.SimulatedAcquisition` plus ``b0_dir`` and
-    ``voxel_mm``. Reusable by rows of later steps (``fields=("local_field_ppm", ...)``).
-    ``params`` overrides other :class:`qsmflow.simulate.AcquisitionParams` fields (``n_coils``,
-    ``snr``, ...); the noise comes from ``numpy.random.default_rng(0)``.
-    """
-    from qsmflow.phantom import make_head_model
-    from qsmflow.simulate import AcquisitionParams, simulate_acquisition
-
-    params = AcquisitionParams(matrix=bench.matrix, voxel_size_mm=bench.voxel_mm, **params)
-    sim = simulate_acquisition(make_head_model(0), params, n_threads=os.cpu_count() or 1)
-    out = {name: getattr(sim, name) for name in fields}
-    out.update(b0_dir=tuple(float(v) for v in sim.b0_dir), voxel_mm=bench.voxel_mm)
-    return out
-
-
-def save_truth(workdir: Path, **arrays: Any) -> Path:
-    """Pickle ground-truth arrays for ``check`` to a file of their own; returns its path.
-
-    Put the path (not the arrays) in the inputs, so that the measured process, which loads the
-    inputs, does not hold references it never uses and its peak memory stays the call's own.
-    """
-    path = workdir / "truth.pkl"
-    _dump(arrays, path)
-    return path
 
 
 # ------------------------------------------------------------------------------ forward model
@@ -260,7 +202,7 @@ def bet_check(bench: Benchmark, inputs: dict, mask: Any) -> str:
     """Dice coefficient of the BET mask with the simulator's true brain mask."""
     import numpy as np
 
-    true = _load(inputs["truth"])["mask"]
+    true = load(inputs["truth"])["mask"]
     dice = 2 * np.count_nonzero(mask & true) / (np.count_nonzero(mask) + np.count_nonzero(true))
     return f"Dice {dice:.3f} vs true mask"
 
@@ -343,7 +285,7 @@ def unwrap_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
     from qsmflow.algorithms.background import vsharp
     from qsmflow.algorithms.metrics import nrmse_demeaned
 
-    truth = _load(inputs["truth"])
+    truth = load(inputs["truth"])
     mask, vox = inputs["mask"], inputs["voxel_mm"]
 
     def local_nrmse(field: Any) -> float:
@@ -441,7 +383,7 @@ def laplacian_unwrap_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> st
     from qsmflow import GAMMA_BAR_MHZ_PER_T
     from qsmflow.algorithms.background import vsharp
 
-    truth = _load(inputs["truth"])
+    truth = load(inputs["truth"])
     mask = truth["mask"]
     rad_per_ppm = 2 * np.pi * GAMMA_BAR_MHZ_PER_T * inputs["b0_tesla"] * inputs["echo_times_s"][0]
     error_ppm = (unwrapped - truth["ideal"]) / np.float32(rad_per_ppm)
@@ -485,7 +427,7 @@ def region_growing_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
 
 def region_growing_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> str:
     """Percentage of brain voxels unwrapped exactly (see :func:`_exact`)."""
-    noise_free = _load(inputs["truth"])["noise_free"]
+    noise_free = load(inputs["truth"])["noise_free"]
     exact, wrong, _ = _exact(unwrapped, noise_free, inputs["mask"])
     return f"{exact:.3f}% of brain voxels exact ({wrong} wrong)"
 
@@ -521,7 +463,7 @@ def multi_echo_unwrap_check(bench: Benchmark, inputs: dict, unwrapped: Any) -> s
     one global 2 pi offset ("one branch"), which the per-echo scores alone do not show.
     """
     noise_free = _noise_free_phase(
-        _load(inputs["truth"]), inputs["echo_times_s"], inputs["b0_tesla"]
+        load(inputs["truth"]), inputs["echo_times_s"], inputs["b0_tesla"]
     )
     scores = [
         _exact(unwrapped[..., e], noise_free[..., e], inputs["mask"])
@@ -554,7 +496,7 @@ def field_fit_check(bench: Benchmark, inputs: dict, field_ppm: Any) -> str:
     """Plain NRMSE of the fitted field against the true total field in the brain mask."""
     from qsmflow.algorithms.metrics import nrmse
 
-    true = _load(inputs["truth"])["total_field_ppm"]
+    true = load(inputs["truth"])["total_field_ppm"]
     return f"field NRMSE {nrmse(field_ppm, true, inputs['mask']):.2f}% (oracle unwrap)"
 
 
@@ -601,7 +543,7 @@ def mcpc3ds_check(bench: Benchmark, inputs: dict, combined: Any) -> str:
     from qsmflow.algorithms.echoes import fit_field
     from qsmflow.algorithms.metrics import nrmse
 
-    truth = _load(inputs["truth"])
+    truth = load(inputs["truth"])
     residual = np.zeros(truth["total_field_ppm"].shape, dtype=np.complex64)
     for c in range(truth["coil_offsets_rad"].shape[3]):
         diff = truth["coil_offsets_rad"][..., c] - combined.phase_offsets_rad[..., c]
@@ -641,7 +583,7 @@ def vsharp_check(bench: Benchmark, inputs: dict, output: Any) -> str:
     from qsmflow.algorithms.metrics import nrmse_demeaned
 
     local, kept = output
-    error = nrmse_demeaned(local, _load(inputs["truth"])["local_field_ppm"], kept)
+    error = nrmse_demeaned(local, load(inputs["truth"])["local_field_ppm"], kept)
     kept_percent = 100 * kept.sum() / inputs["mask"].sum()
     return f"local NRMSE {error:.1f}% (mask kept {kept_percent:.1f}%)"
 
@@ -670,7 +612,7 @@ def tkd_check(bench: Benchmark, inputs: dict, chi: Any) -> str:
     from qsmflow.algorithms.metrics import nrmse_demeaned, xsim
 
     mask = inputs["mask"]
-    true = _load(inputs["truth"])["chi_ppm"]
+    true = load(inputs["truth"])["chi_ppm"]
     shifted = (chi + (true[mask].mean() - chi[mask].mean())) * mask
     return f"chi NRMSE {nrmse_demeaned(chi, true, mask):.1f}%, XSIM {xsim(shifted, true, mask):.3f}"
 
@@ -744,45 +686,48 @@ def _rows() -> tuple[Benchmark, ...]:
     )
 
 
-#: Every row, in table order (pipeline order). Later steps add their rows here.
-ROWS: tuple[Benchmark, ...] = _rows()
+def _module_rows() -> list[Benchmark]:
+    """Rows of the ``benchmarks/rows_*.py`` modules, ordered by each module's ``ORDER``.
+
+    A row module defines ``ORDER`` (an int placing it in pipeline order; the rows above are at
+    0-49) and ``rows() -> list[Benchmark]``, importing its helpers from ``common``.
+    """
+    import importlib
+
+    modules = [importlib.import_module(f.stem) for f in sorted(BENCH_DIR.glob("rows_*.py"))]
+    modules.sort(key=lambda m: m.ORDER)
+    return [row for m in modules for row in m.rows()]
+
+
+#: Every row, in table order (pipeline order). New steps add a ``rows_<step>.py`` module.
+ROWS: tuple[Benchmark, ...] = (*_rows(), *_module_rows())
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in ROWS}
 assert len(BENCHMARKS) == len(ROWS), "benchmark names must be unique"
 
 
 # ------------------------------------------------------------------------------ child processes
-def _load(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f)
-
-
-def _dump(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def _peak_rss_gb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 def _child_setup(name: str, workdir: Path) -> None:
-    _dump(BENCHMARKS[name].setup(BENCHMARKS[name], workdir), workdir / "inputs.pkl")
+    dump(BENCHMARKS[name].setup(BENCHMARKS[name], workdir), workdir / "inputs.pkl")
 
 
 def _child_measure(name: str, workdir: Path, n_threads: int) -> tuple[float, float]:
-    call = BENCHMARKS[name].prepare(_load(workdir / "inputs.pkl"), n_threads)
+    call = BENCHMARKS[name].prepare(load(workdir / "inputs.pkl"), n_threads)
     t0 = time.perf_counter()
     output = call()
     seconds = time.perf_counter() - t0
     peak_gb = _peak_rss_gb()
-    _dump(output, workdir / "output.pkl")
+    dump(output, workdir / "output.pkl")
     return seconds, peak_gb
 
 
 def _child_check(name: str, workdir: Path) -> str:
     bench = BENCHMARKS[name]
-    return bench.check(bench, _load(workdir / "inputs.pkl"), _load(workdir / "output.pkl"))
+    return bench.check(bench, load(workdir / "inputs.pkl"), load(workdir / "output.pkl"))
 
 
 def _in_fresh_process(func: Callable, *args: Any) -> Any:
