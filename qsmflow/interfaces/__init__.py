@@ -2,17 +2,20 @@
 
 from .background import BackgroundRemoval
 from .bids import DerivativesDataSink
+from .echo_average import AverageEchoes, EchoFields
 from .inversion import DipoleInversion, ReferenceSusceptibility
 from .masking import BrainMask
 from .phase import CoilCombination, EchoCombination, PhaseUnwrap
 from .reports import QCReport
 
 __all__ = [
+    "AverageEchoes",
     "BackgroundRemoval",
     "BrainMask",
     "CoilCombination",
     "DerivativesDataSink",
     "DipoleInversion",
+    "EchoFields",
     "EchoCombination",
     "PhaseUnwrap",
     "QCReport",

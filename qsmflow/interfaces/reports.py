@@ -104,6 +104,33 @@ def _parse_label_names(value) -> dict[int, str] | None:
         raise ValueError(f"label_names keys must be integer labels: {exc}") from exc
 
 
+def _dseg_label_names(seg_path: str) -> dict[int, str] | None:
+    """Region names of a BIDS ``_dseg`` image from its look-up table (``index``/``name`` TSV).
+
+    The table is the file's own ``<stem>.tsv`` or, by BIDS inheritance, a dataset-level
+    ``desc-<label>_dseg.tsv`` in a parent folder up to the dataset root; None when absent.
+    """
+    path = Path(seg_path)
+    stem = path.name.split(".", 1)[0]
+    candidates = [path.with_name(stem + ".tsv")]
+    desc = next((p[5:] for p in stem.split("_") if p.startswith("desc-")), None)
+    for parent in path.parents:
+        candidates.append(parent / (f"desc-{desc}_dseg.tsv" if desc else "dseg.tsv"))
+        if (parent / "dataset_description.json").exists():
+            break
+    for table in candidates:
+        if table.is_file():
+            lines = [ln.split("\t") for ln in table.read_text().splitlines() if ln.strip()]
+            head = lines[0]
+            if "index" in head and "name" in head:
+                i, j = head.index("index"), head.index("name")
+                try:
+                    return {int(row[i]): row[j] for row in lines[1:]}
+                except (ValueError, IndexError):
+                    return None
+    return None
+
+
 def _volume(path: str, what: str, *, dtype: Any = np.float32, pick: int | None = None):
     data, img = load_nifti(path, dtype=dtype)
     if data.ndim == 4 and pick is not None:
@@ -339,7 +366,8 @@ class QCReport(SimpleInterface):
             subject=inp.subject,
             acquisitions=acquisitions,
             segmentation=list(inp.segmentation) if isdefined(inp.segmentation) else None,
-            label_names=_parse_label_names(inp.label_names),
+            label_names=_parse_label_names(inp.label_names)
+            or (_dseg_label_names(inp.segmentation[0]) if isdefined(inp.segmentation) else None),
             local_field_units=inp.local_field_units,
         )
         self._results["out_report"] = str(page)

@@ -20,6 +20,7 @@ __all__ = [
     "Acquisition",
     "bids_path",
     "collect_acquisitions",
+    "find_derivatives",
     "write_dataset_description",
     "write_tsv",
 ]
@@ -161,6 +162,10 @@ class Acquisition:
     echo_times_s: list[float]
     b0_tesla: float
     shape: tuple[int, ...]
+    #: a brain mask to reuse (from a derivatives dataset), or None
+    mask: str | None = None
+    #: a segmentation (``_dseg``) on the same grid, for the report's ROI table, or None
+    segmentation: str | None = None
 
     @property
     def label(self) -> str:
@@ -273,3 +278,65 @@ def _make_acquisition(sub, ses, acq, run, parts, nib) -> Acquisition:
         b0_tesla=b0,
         shape=tuple(shape),
     )
+
+
+def _entities(name: str) -> tuple[dict[str, str], str]:
+    """Entities and suffix of a BIDS file name (``sub-01_desc-brain_mask.nii.gz``)."""
+    stem = name.split(".", 1)[0]
+    *pairs, suffix = stem.split("_")
+    ents = dict(p.split("-", 1) for p in pairs if "-" in p)
+    return ents, suffix
+
+
+def find_derivatives(
+    acquisitions: list[Acquisition],
+    derivatives: list[str | Path],
+    *,
+    masks: bool = True,
+    segmentations: bool = True,
+) -> list[Acquisition]:
+    """Attach existing brain masks and segmentations from derivatives datasets.
+
+    Looks in ``<deriv>/sub-<l>[/ses-<s>]/anat/`` for ``*_desc-brain_mask.nii[.gz]`` and
+    ``*_dseg.nii[.gz]`` whose entities do not contradict the acquisition's (a file without
+    ``acq``/``run`` applies to all of the subject's acquisitions; the most specific file wins)
+    and whose grid matches. Returns new :class:`Acquisition` objects; files are only read.
+    """
+    import dataclasses
+
+    import nibabel as nib
+
+    roots = [Path(d) for d in derivatives]
+    for root in roots:
+        if not root.is_dir():
+            raise ValueError(f"{root}: derivatives folder not found")
+    wanted = [("mask", "mask", "brain")] * masks + [("segmentation", "dseg", None)] * segmentations
+    out = []
+    for acq in acquisitions:
+        own = {"ses": acq.session, "acq": acq.acquisition, "run": acq.run}
+        found: dict[str, str] = {}
+        for field, suffix, desc in wanted:
+            best = None
+            for root in roots:
+                folder = root / f"sub-{acq.subject}"
+                if acq.session is not None:
+                    folder = folder / f"ses-{acq.session}"
+                for path in sorted((folder / "anat").glob(f"sub-{acq.subject}_*_{suffix}.nii*")):
+                    ents, sfx = _entities(path.name)
+                    if sfx != suffix or (desc is not None and ents.get("desc") != desc):
+                        continue
+                    if any(
+                        key in ents and str(val) != ents[key].lstrip("0" if key == "run" else "")
+                        for key, val in own.items()
+                        if val is not None
+                    ) or any(key in ents and own[key] is None for key in own):
+                        continue
+                    if tuple(nib.load(str(path)).shape[:3]) != tuple(acq.shape):
+                        continue
+                    score = sum(key in ents for key in own)
+                    if best is None or score > best[0]:
+                        best = (score, str(path))
+            if best is not None:
+                found[field] = best[1]
+        out.append(dataclasses.replace(acq, **found))
+    return out

@@ -39,9 +39,22 @@ _METHOD_TEXT = {
 }
 
 
-def _sinks(pipeline: dict[str, Any]) -> list[tuple[str, str, str | None, str, dict]]:
+_COMBINE_TEXT = {
+    "fit": "one total field from a weighted linear fit of the unwrapped phase over echo times",
+    "echo-average": "echo-wise background removal and inversion of each echo's field (fitted "
+    "phase offset removed), averaged over the echoes on the voxels valid in every echo",
+}
+
+
+def _sinks(
+    pipeline: dict[str, Any], acq: Acquisition
+) -> list[tuple[str, str, str | None, str, dict]]:
     """(qsm_wf output, suffix, desc, datatype, sidecar) for every derivative written."""
     unwrap = _METHOD_TEXT[pipeline["unwrap_method"]]
+    if acq.mask is not None:
+        mask_meta = {"Method": f"reused from the derivatives file {acq.mask}"}
+    else:
+        mask_meta = {"Method": _METHOD_TEXT[pipeline["mask_method"]]}
     return [
         (
             "chi",
@@ -53,6 +66,7 @@ def _sinks(pipeline: dict[str, Any]) -> list[tuple[str, str, str | None, str, di
                 "Description": "Magnetic susceptibility",
                 "InversionMethod": _METHOD_TEXT[pipeline["inversion_method"]],
                 "BackgroundFieldRemoval": _METHOD_TEXT[pipeline["bfr_method"]],
+                "EchoCombination": _COMBINE_TEXT[pipeline["combine"]],
                 "Reference": "mean over the background-removal mask",
                 "SkullStripped": True,
             },
@@ -65,7 +79,7 @@ def _sinks(pipeline: dict[str, Any]) -> list[tuple[str, str, str | None, str, di
             {
                 "Type": "Brain",
                 "Description": "Brain mask",
-                "Method": _METHOD_TEXT[pipeline["mask_method"]],
+                **mask_meta,
             },
         ),
         (
@@ -168,6 +182,9 @@ def init_subject_wf(
     )
     for field, merge in merges.items():
         wf.connect(merge, "out", report, "unwrapped_phase" if field == "unwrapped" else field)
+    segs = [a.segmentation for a in acquisitions]
+    if all(segs):
+        report.inputs.segmentation = segs
     for index, acq in enumerate(acquisitions, start=1):
         tag = _safe(acq.label.removeprefix(f"sub-{subject}").strip("_")) or "main"
         qsm = init_qsm_wf(
@@ -177,8 +194,10 @@ def init_subject_wf(
             bet_frac=pipeline["bet_frac"],
             unwrap_method=pipeline["unwrap_method"],
             unwrap_mode=pipeline["unwrap_mode"],
+            combine=pipeline["combine"],
             bfr_method=pipeline["bfr_method"],
             inversion_method=pipeline["inversion_method"],
+            existing_mask=acq.mask is not None,
             n_threads=n_threads,
             name=f"qsm_{tag}_wf",
         )
@@ -186,10 +205,10 @@ def init_subject_wf(
         qsm.inputs.inputnode.magnitude = list(acq.magnitude)
         qsm.inputs.inputnode.echo_times = list(acq.echo_times_s)
         qsm.inputs.inputnode.b0_tesla = acq.b0_tesla
-        qsm.get_node("background").inputs.b0_tesla = acq.b0_tesla
-        qsm.get_node("inversion").inputs.b0_tesla = acq.b0_tesla
+        if acq.mask is not None:
+            qsm.inputs.inputnode.mask = acq.mask
         common = {"MagneticFieldStrength": acq.b0_tesla, "EchoTime": list(acq.echo_times_s)}
-        for field, suffix, desc, datatype, meta in _sinks(pipeline):
+        for field, suffix, desc, datatype, meta in _sinks(pipeline, acq):
             sink = pe.Node(
                 DerivativesDataSink(
                     base_directory=str(output_dir),
@@ -203,9 +222,9 @@ def init_subject_wf(
                 name=f"ds_{tag}_{suffix}_{desc or 'main'}",
                 mem_gb=0.1,
             )
-            # the local field is sunk in Hz (BIDS fieldmap units) straight from the BFR node
-            src = "background.out_field_hz" if field == "local_field" else f"outputnode.{field}"
-            wf.connect(qsm, src, sink, "in_file")
+            # the local field is sunk in Hz (BIDS fieldmap units)
+            src = "local_field_hz" if field == "local_field" else field
+            wf.connect(qsm, f"outputnode.{src}", sink, "in_file")
             # the report shows the files as written (it reads their sidecars)
             if field in merges and not (suffix == "magnitude" and desc):
                 wf.connect(sink, "out_file", merges[field], f"in{index}")

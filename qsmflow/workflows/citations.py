@@ -53,6 +53,8 @@ CITATIONS: dict[str, str] = {
     "automatic parameter selection. Magn Reson Med 2014;72:1444-1459; Milovic C et al. Fast "
     "nonlinear susceptibility inversion with variational regularization. Magn Reson Med "
     "2018;80:814-821.",
+    "echo-average": "Stewart AW et al. QSMxT: Robust masking and artifact reduction for "
+    "quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.",
     "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
     "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
 }
@@ -67,6 +69,7 @@ def citations_for(pipeline: dict[str, Any]) -> list[str]:
         pipeline["unwrap_method"],
         pipeline["bfr_method"],
         pipeline["inversion_method"],
+        pipeline.get("combine", "fit"),
     ]
     out: list[str] = []
     for key in keys:

@@ -14,6 +14,7 @@ OPTIONS: dict[str, Any] = {
     "bet_frac": (0.0, 1.0),
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
+    "combine": ("fit", "echo-average"),
     "bfr_method": ("vsharp", "sharp", "resharp", "ismv", "pdf", "lbv"),
     "inversion_method": (
         "tkd",

@@ -6,10 +6,12 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces import (
+    AverageEchoes,
     BackgroundRemoval,
     BrainMask,
     DipoleInversion,
     EchoCombination,
+    EchoFields,
     PhaseUnwrap,
     ReferenceSusceptibility,
 )
@@ -21,6 +23,7 @@ QSM_OUTPUTS = (
     "local_mask",
     "field_hz",
     "local_field",
+    "local_field_hz",
     "r2star",
     "magnitude",
     "unwrapped",
@@ -44,18 +47,21 @@ def init_qsm_wf(
     bet_frac: float = 0.5,
     unwrap_method: str = "region-growing",
     unwrap_mode: str = "template",
+    combine: str = "fit",
     bfr_method: str = "vsharp",
     inversion_method: str = "tkd",
+    existing_mask: bool = False,
     n_threads: int = 1,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
     """QSM of one multi-echo acquisition.
 
     Inputs (``inputnode``): ``phase`` and ``magnitude`` (lists of per-echo NIfTI files, phase in
-    radians), ``echo_times`` (s), ``b0_tesla`` (T). Outputs (``outputnode``): ``chi`` (ppm,
-    referenced to the mean of the valid mask), ``mask`` (brain), ``local_mask`` (where the local
-    field is valid), ``field_hz`` (total field, Hz), ``local_field`` (ppm), ``r2star`` (Hz),
-    ``magnitude`` (first echo), ``unwrapped`` (phase, rad).
+    radians), ``echo_times`` (s), ``b0_tesla`` (T), ``mask`` (a brain mask to reuse, read only
+    with ``existing_mask=True``). Outputs (``outputnode``): ``chi`` (ppm, referenced to the mean
+    of the valid mask), ``mask`` (brain), ``local_mask`` (where the local field is valid),
+    ``field_hz`` (total field, Hz), ``local_field`` (ppm), ``local_field_hz`` (Hz), ``r2star``
+    (Hz), ``magnitude`` (first echo), ``unwrapped`` (phase, rad).
 
     Parameters
     ----------
@@ -63,38 +69,51 @@ def init_qsm_wf(
         Size of the data, for each node's ``mem_gb``.
     mask_method, bet_frac : brain masking (``BrainMask``).
     unwrap_method, unwrap_mode : phase unwrapping (``PhaseUnwrap``).
+    combine : {"fit", "echo-average"}
+        ``fit``: one total field from a weighted fit over TE, then one background removal and
+        one inversion. ``echo-average``: each echo's field (phase offset of the fit removed) gets
+        its own background removal and inversion, and the echo-wise chi and local-field maps are
+        averaged over the voxels valid in every echo (as done for 9-echo bipolar protocols).
     bfr_method : background removal (``BackgroundRemoval``).
     inversion_method : dipole inversion (``DipoleInversion``).
+    existing_mask : bool
+        Reuse ``inputnode.mask`` (e.g. from a derivatives dataset) instead of computing one.
     n_threads : int
         Threads per node (FFT workers); the node's ``n_procs``.
     """
+    if combine not in ("fit", "echo-average"):
+        raise ValueError(f"combine must be 'fit' or 'echo-average', not {combine!r}")
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=["phase", "magnitude", "echo_times", "b0_tesla"]),
+        niu.IdentityInterface(fields=["phase", "magnitude", "echo_times", "b0_tesla", "mask"]),
         name="inputnode",
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=list(QSM_OUTPUTS)), name="outputnode")
     first_mag = pe.Node(niu.Select(index=[0]), name="first_mag")
 
-    def node(iface, node_name, factor, echoes=1):
-        return pe.Node(
-            iface,
-            name=node_name,
-            n_procs=n_threads,
-            mem_gb=estimate_mem_gb(n_voxels, echoes, factor=factor),
-        )
+    def node(iface, node_name, factor, echoes=1, iterfield=None):
+        kwargs = {
+            "name": node_name,
+            "n_procs": n_threads,
+            "mem_gb": estimate_mem_gb(n_voxels, echoes, factor=factor),
+        }
+        if iterfield:
+            return pe.MapNode(iface, iterfield=iterfield, **kwargs)
+        return pe.Node(iface, **kwargs)
 
     # factors: peak memory over the float32 data size, from the benchmarks at 1 mm
-    brain_mask = node(BrainMask(method=mask_method, frac=bet_frac), "brain_mask", 4)
+    if existing_mask:
+        brain_mask = pe.Node(niu.IdentityInterface(fields=["out_mask"]), name="brain_mask")
+        wf.connect(inputnode, "mask", brain_mask, "out_mask")
+    else:
+        brain_mask = node(BrainMask(method=mask_method, frac=bet_frac), "brain_mask", 4)
+        wf.connect(inputnode, "magnitude", brain_mask, "in_magnitude")
     unwrap = node(PhaseUnwrap(method=unwrap_method, mode=unwrap_mode), "unwrap", 8, n_echoes)
     fit = node(EchoCombination(), "fit_field", 4, n_echoes)
-    bfr = node(BackgroundRemoval(method=bfr_method), "background", 10)
-    invert = node(DipoleInversion(method=inversion_method), "inversion", 25)
     reference = node(ReferenceSusceptibility(), "reference", 3)
 
     wf.connect([
         (inputnode, first_mag, [("magnitude", "inlist")]),
-        (inputnode, brain_mask, [("magnitude", "in_magnitude")]),
         (inputnode, unwrap, [("phase", "in_phase"), ("magnitude", "in_magnitude"),
                              ("echo_times", "echo_times")]),
         (brain_mask, unwrap, [("out_mask", "in_mask")]),
@@ -103,16 +122,57 @@ def init_qsm_wf(
         (inputnode, fit, [("magnitude", "in_magnitude"), ("echo_times", "echo_times"),
                           ("b0_tesla", "b0_tesla")]),
         (brain_mask, fit, [("out_mask", "in_mask")]),
-        (fit, bfr, [("out_field_ppm", "in_field")]),
-        (brain_mask, bfr, [("out_mask", "in_mask")]),
-        (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
-        (first_mag, invert, [("out", "in_magnitude")]),
-        (invert, reference, [("out_chi", "in_chi")]),
-        (bfr, reference, [("out_mask", "in_mask")]),
         (reference, outputnode, [("out_chi", "chi")]),
         (brain_mask, outputnode, [("out_mask", "mask")]),
-        (bfr, outputnode, [("out_mask", "local_mask"), ("out_field", "local_field")]),
         (fit, outputnode, [("out_field", "field_hz"), ("out_r2star", "r2star")]),
         (first_mag, outputnode, [("out", "magnitude")]),
+    ])  # fmt: skip
+
+    if combine == "fit":
+        bfr = node(BackgroundRemoval(method=bfr_method), "background", 10)
+        invert = node(DipoleInversion(method=inversion_method), "inversion", 25)
+        wf.connect([
+            (fit, bfr, [("out_field_ppm", "in_field")]),
+            (brain_mask, bfr, [("out_mask", "in_mask")]),
+            (inputnode, bfr, [("b0_tesla", "b0_tesla")]),
+            (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
+            (inputnode, invert, [("b0_tesla", "b0_tesla")]),
+            (first_mag, invert, [("out", "in_magnitude")]),
+            (invert, reference, [("out_chi", "in_chi")]),
+            (bfr, reference, [("out_mask", "in_mask")]),
+            (bfr, outputnode, [("out_mask", "local_mask"), ("out_field", "local_field"),
+                               ("out_field_hz", "local_field_hz")]),
+        ])  # fmt: skip
+        return wf
+
+    echo_fields = node(EchoFields(), "echo_fields", 2, n_echoes)
+    bfr = node(BackgroundRemoval(method=bfr_method), "background", 10, iterfield=["in_field"])
+    invert = node(
+        DipoleInversion(method=inversion_method),
+        "inversion",
+        25,
+        iterfield=["in_field", "in_mask"],
+    )
+    mean_chi = node(AverageEchoes(), "average_chi", 1, n_echoes)
+    mean_field = node(AverageEchoes(), "average_local_field", 1, n_echoes)
+    mean_field_hz = node(AverageEchoes(), "average_local_field_hz", 1, n_echoes)
+    wf.connect([
+        (unwrap, echo_fields, [("out_unwrapped", "in_phase")]),
+        (inputnode, echo_fields, [("echo_times", "echo_times"), ("b0_tesla", "b0_tesla")]),
+        (fit, echo_fields, [("out_phase_offset", "in_phase_offset")]),
+        (echo_fields, bfr, [("out_fields", "in_field")]),
+        (brain_mask, bfr, [("out_mask", "in_mask")]),
+        (inputnode, bfr, [("b0_tesla", "b0_tesla")]),
+        (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
+        (inputnode, invert, [("b0_tesla", "b0_tesla")]),
+        (first_mag, invert, [("out", "in_magnitude")]),
+        (invert, mean_chi, [("out_chi", "in_files")]),
+        (bfr, mean_chi, [("out_mask", "in_masks")]),
+        (bfr, mean_field, [("out_field", "in_files"), ("out_mask", "in_masks")]),
+        (bfr, mean_field_hz, [("out_field_hz", "in_files"), ("out_mask", "in_masks")]),
+        (mean_chi, reference, [("out_file", "in_chi"), ("out_mask", "in_mask")]),
+        (mean_chi, outputnode, [("out_mask", "local_mask")]),
+        (mean_field, outputnode, [("out_file", "local_field")]),
+        (mean_field_hz, outputnode, [("out_file", "local_field_hz")]),
     ])  # fmt: skip
     return wf
