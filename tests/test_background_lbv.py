@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from qsmflow.algorithms.background.lbv import lbv, lbv_interior
 from qsmflow.algorithms.dipole import forward_field
+from qsmflow.algorithms.masking import erode_mm
 from qsmflow.algorithms.metrics import correlation, nrmse_demeaned
 
 CROSS = ndimage.generate_binary_structure(3, 1)
@@ -75,18 +76,18 @@ def test_harmonic_polynomial_removed_exactly(vox):
         + 1e-5 * x * y * z
         + 1e-5 * (x**3 - 3 * x * y * y)
     ).astype(np.float32)
-    out, roi = lbv(harmonic, mask, vox, tol=1e-6)
+    out, roi = lbv(harmonic, mask, vox, erode_mm=0, tol=1e-6)
     # measured 4e-8 of the largest value (float32 rounding)
     assert np.abs(out[roi]).max() < 1e-5 * np.abs(harmonic[mask]).max()
     # with a local field present, the harmonic part still drops out
     local = smooth_local(shape, mask, 1)
-    a, _ = lbv(local, mask, vox, tol=1e-6)
-    b, _ = lbv(local + harmonic, mask, vox, tol=1e-6)
+    a, _ = lbv(local, mask, vox, erode_mm=0, tol=1e-6)
+    b, _ = lbv(local + harmonic, mask, vox, erode_mm=0, tol=1e-6)
     assert np.abs(a - b)[roi].max() < 1e-5 * np.abs(harmonic[mask]).max()
     # the voxel size matters: x^2 - y^2 in mm is not discretely harmonic on the wrong grid
     # (measured 7 % and 14 % of the largest value for the two anisotropic grids)
     if vox[0] != vox[2]:
-        wrong, _ = lbv(harmonic, mask, (1.0, 1.0, 1.0), tol=1e-6)
+        wrong, _ = lbv(harmonic, mask, (1.0, 1.0, 1.0), erode_mm=0, tol=1e-6)
         assert np.abs(wrong[roi]).max() > 1e-2 * np.abs(harmonic[mask]).max()
 
 
@@ -103,7 +104,7 @@ def test_field_of_outside_dipoles_removed():
         background += moment * (3 * rz * rz / r2 - 1) / r2**1.5
     background = background.astype(np.float32)
     assert mask.sum() > 0.25 * mask.size
-    out, roi = lbv(background, mask, vox)
+    out, roi = lbv(background, mask, vox, erode_mm=0)
     # measured 0.17 % of the background's largest value, 4.9e-6 of its energy
     assert np.abs(out[roi]).max() < 5e-3 * np.abs(background[mask]).max()
     assert energy_ratio(out, background, roi) < 5e-5
@@ -152,21 +153,21 @@ def test_matches_sparse_direct_solve(small_problem):
     expected = np.zeros(mask.shape)
     expected[interior] = total[interior] - background
 
-    local, roi = lbv(total, mask, vox, tol=1e-7)
+    local, roi = lbv(total, mask, vox, erode_mm=0, tol=1e-7)
     np.testing.assert_array_equal(roi, interior)
     scale = np.abs(expected).max()
     assert np.abs(local - expected).max() < 1e-5 * scale
     # the default tolerance is already close; threads give the same answer
-    default, _ = lbv(total, mask, vox)
+    default, _ = lbv(total, mask, vox, erode_mm=0)
     assert np.abs(default - expected).max() < 1e-2 * scale
-    threaded, _ = lbv(total, mask, vox, n_threads=2)
+    threaded, _ = lbv(total, mask, vox, erode_mm=0, n_threads=2)
     np.testing.assert_array_equal(threaded, default)
 
 
 def test_background_solves_laplace_equation(small_problem):
     total, mask, vox = small_problem
     for tol in (1e-4, 1e-7):
-        local, roi, info = lbv(total, mask, vox, tol=tol, return_info=True)
+        local, roi, info = lbv(total, mask, vox, erode_mm=0, tol=tol, return_info=True)
         assert info["converged"] and info["residual"] <= tol
         background = np.where(mask, total.astype(np.float64) - local, 0.0)
         lap_b = laplacian_7pt(background, vox)[roi]
@@ -177,22 +178,27 @@ def test_background_solves_laplace_equation(small_problem):
         assert info["cycles"] <= 12
 
 
-def test_valid_mask_peel_and_outputs(small_problem):
+def test_erosion_moves_the_boundary_inwards(small_problem):
     total, mask, vox = small_problem
-    local0, roi0 = lbv(total, mask, vox)
-    local2, roi2 = lbv(total, mask, vox, peel=2)
+    local0, roi0 = lbv(total, mask, vox, erode_mm=0)
     assert local0.dtype == np.float32 and roi0.dtype == bool
     np.testing.assert_array_equal(roi0, ndimage.binary_erosion(mask, CROSS))
-    np.testing.assert_array_equal(roi2, ndimage.binary_erosion(mask, CROSS, iterations=3))
-    assert not local0[~roi0].any() and not local2[~roi2].any()
-    # peeling only masks the solution, it does not change it
-    np.testing.assert_array_equal(local2[roi2], local0[roi2])
+    assert not local0[~roi0].any()
+    # erode_mm leaves out the voxels within that distance (mm, true voxel sizes) of the
+    # outside, then solves on what is left: the boundary values are taken 2.6 mm deep
+    region = erode_mm(mask, 2.6, vox)
+    local, roi = lbv(total, mask, vox, erode_mm=2.6)
+    np.testing.assert_array_equal(roi, ndimage.binary_erosion(region, CROSS))
+    expected, _ = lbv(total, region, vox, erode_mm=0)
+    np.testing.assert_array_equal(local, expected)
+    # which is not the same as masking the solution on the whole mask
+    assert np.abs(local - local0)[roi].max() > 0.1 * np.abs(local0[roi]).max()
 
 
 def test_warns_when_not_converged(small_problem):
     total, mask, vox = small_problem
     with pytest.warns(RuntimeWarning, match="multigrid cycles"):
-        _, _, info = lbv(total, mask, vox, tol=1e-12, max_cycles=0, return_info=True)
+        _, _, info = lbv(total, mask, vox, erode_mm=0, tol=1e-12, max_cycles=0, return_info=True)
     assert not info["converged"] and info["cycles"] == 1
 
 
@@ -214,12 +220,16 @@ def test_rejects_bad_input():
         lbv(bad, mask, (1, 1, 1))
     with pytest.raises(ValueError, match="tol"):
         lbv(field, mask, (1, 1, 1), tol=0)
-    with pytest.raises(ValueError):
-        lbv(field, mask, (1, 1, 1), peel=-1)
+    with pytest.raises(ValueError, match="erode_mm"):
+        lbv(field, mask, (1, 1, 1), erode_mm=-1)
     thin = np.zeros_like(mask)
     thin[3:9, 3:9, 5:7] = True  # two voxels thick: no interior voxel
     with pytest.raises(ValueError, match="interior"):
-        lbv(field, thin, (1, 1, 1))
+        lbv(field, thin, (1, 1, 1), erode_mm=0)
+    # an 8-voxel cube has interior voxels, but none once its outer 4 mm are left out
+    assert lbv(field, mask, (1, 1, 1), erode_mm=0)[1].any()
+    with pytest.raises(ValueError, match="erode_mm=4"):
+        lbv(field, mask, (1, 1, 1))
 
 
 def test_simulated_background_only(sim_2mm):
@@ -229,10 +239,13 @@ def test_simulated_background_only(sim_2mm):
     outside = np.where(sim.mask, 0, sim.chi_ppm - 9.41).astype(np.float32)  # air-referenced
     background = forward_field(outside, vox, sim.b0_dir, n_threads=2)
     local, roi = lbv(background, sim.mask, vox, n_threads=2)
-    # measured 0.72 % of the background's energy in the returned mask (the brief asked < 5 %);
-    # what remains is where the voxelised skull and air sit next to the mask, whose spectral
-    # forward field is not harmonic for the 7-point Laplacian
-    assert energy_ratio(local, background, roi) < 0.02
+    # measured 0.031 % of the background's energy in the returned mask (the brief asked < 5 %);
+    # 0.72 % with the boundary on the mask's edge (erode_mm=0), where the voxelised skull and
+    # air next to the mask give a spectral forward field that is not harmonic for the 7-point
+    # Laplacian
+    assert energy_ratio(local, background, roi) < 3e-3
+    local0, roi0 = lbv(background, sim.mask, vox, erode_mm=0, n_threads=2)
+    assert energy_ratio(local0, background, roi0) < 0.02
 
 
 def test_simulated_total_field(sim_2mm):
@@ -240,24 +253,29 @@ def test_simulated_total_field(sim_2mm):
     vox = sim.params.voxel_size_mm
     truth = sim.local_field_ppm
     local, roi, info = lbv(sim.total_field_ppm, sim.mask, vox, n_threads=2, return_info=True)
-    assert info["converged"] and info["cycles"] <= 8  # measured 4
-    assert roi.sum() > 0.88 * sim.mask.sum()  # measured 90.8 %
+    assert info["converged"] and info["cycles"] <= 8  # measured 3
+    np.testing.assert_array_equal(roi, lbv_interior(erode_mm(sim.mask, 4.0, vox)))
+    assert 0.70 < roi.sum() / sim.mask.sum() < 0.77  # measured 73.4 %
+    # Measured demeaned NRMSE / correlation 31.9 % / 0.948 (29.7 % at 1 mm, 29.4 % at 1.5 mm,
+    # 28.7-32.0 % over head models 0-3 at 2 mm); the brief asks < 40 %.
     nrmse = nrmse_demeaned(local, truth, roi)
-    # Measured demeaned NRMSE 80.2 % (correlation 0.73), against the 40 % the brief hoped for.
-    # That is the method on this phantom, not the solver (which matches a sparse direct solve):
-    # LBV's error is minus the harmonic extension of the true local field's values on the mask
-    # boundary, and here the boundary is grey matter next to CSF and veins, where the local field
-    # is larger than inside (RMS 0.015 vs 0.010 ppm). LBV applied to the true local field alone
-    # already gives 69 %; the rest is the simulated background not being discretely harmonic
-    # next to bone and air. At 1 mm (200 x 200 x 160) the same settings give 58 %.
-    assert nrmse < 85
-    assert correlation(local, truth, roi) > 0.7
-    # peeling boundary layers removes the worst voxels: measured 69.3 % with peel=2
-    peeled, roi2 = lbv(sim.total_field_ppm, sim.mask, vox, peel=2, n_threads=2)
-    assert nrmse_demeaned(peeled, truth, roi2) < nrmse - 8
-    # far from the boundary the harmonic error has decayed: measured 52 % deeper than 12 mm,
-    # 32 % deeper than 24 mm
+    assert nrmse < 36
+    assert correlation(local, truth, roi) > 0.93
+    # Why the default leaves out the outer 4 mm: LBV's error is minus the harmonic extension
+    # of the true local field's values on the boundary, and at the brain's edge (veins and
+    # sinuses on the surface, grey matter against CSF) the local field is stronger than inside
+    # (RMS 0.015 vs 0.011 ppm). With the boundary on the mask's edge the NRMSE is 79.1 %
+    # (correlation 0.73; 57 % at 1 mm), and LBV run on the true local field alone already
+    # loses 69.1 % of it, against 29.7 % with the default.
+    edge, roi0 = lbv(sim.total_field_ppm, sim.mask, vox, erode_mm=0, n_threads=2)
+    np.testing.assert_array_equal(roi0, lbv_interior(sim.mask))
+    assert nrmse_demeaned(edge, truth, roi0) > 70
+    alone, roi0 = lbv(truth, sim.mask, vox, erode_mm=0, n_threads=2)
+    assert nrmse_demeaned(alone, truth, roi0) > 60
+    alone, roi = lbv(truth, sim.mask, vox, n_threads=2)
+    assert nrmse_demeaned(alone, truth, roi) < 34
+    # far from the boundary the harmonic error has decayed: measured 21.2 % deeper than 12 mm,
+    # 12.3 % deeper than 24 mm
     depth = ndimage.distance_transform_edt(sim.mask, sampling=vox)
-    assert nrmse_demeaned(local, truth, roi & (depth > 12)) < 56
-    deep = roi & (depth > 24)
-    assert nrmse_demeaned(local, truth, deep) < 36
+    assert nrmse_demeaned(local, truth, roi & (depth > 12)) < 25
+    assert nrmse_demeaned(local, truth, roi & (depth > 24)) < 16

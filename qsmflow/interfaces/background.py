@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined, traits
 
@@ -23,8 +24,8 @@ METHODS: dict[str, tuple[str, bool, dict[str, str]]] = {
     "vsharp": ("vsharp", False, {"radii_mm": "radii_mm", "threshold": "threshold"}),
     "resharp": ("resharp", False, {"radius_mm": "radius_mm", "regularization": "lambda_"}),
     "ismv": ("ismv", False, {"radius_mm": "radius_mm", "tol": "tol", "max_iter": "max_iter"}),
-    "pdf": ("pdf", True, {"tol": "tol", "max_iter": "max_iter"}),
-    "lbv": ("lbv", False, {"tol": "tol", "max_iter": "max_cycles", "peel": "peel"}),
+    "pdf": ("pdf", True, {"tol": "tol", "max_iter": "max_iter", "erode_mm": "erode_mm"}),
+    "lbv": ("lbv", False, {"tol": "tol", "max_iter": "max_cycles", "erode_mm": "erode_mm"}),
 }
 
 
@@ -53,7 +54,10 @@ class _BackgroundRemovalInputSpec(ThreadedInputSpec):
     regularization = traits.Float(desc="Tikhonov weight lambda (resharp)")
     tol = traits.Float(desc="relative convergence tolerance (ismv, pdf, lbv)")
     max_iter = traits.Int(desc="maximum iterations (ismv, pdf) or multigrid cycles (lbv)")
-    peel = traits.Int(desc="extra boundary voxel layers to discard (lbv)")
+    erode_mm = traits.Float(
+        desc="depth in mm of the mask's edge left out of out_mask (pdf, lbv; default 4 mm; "
+        "lbv imposes its boundary values at that depth)"
+    )
 
 
 class _BackgroundRemovalOutputSpec(TraitedSpec):
@@ -70,6 +74,13 @@ class BackgroundRemoval(SimpleInterface):
 
     def _run_interface(self, runtime):
         field, mask, img = load_field_and_mask(self.inputs.in_field, self.inputs.in_mask)
+        mask_affine = nib.load(self.inputs.in_mask).affine
+        if not np.allclose(mask_affine, img.affine, atol=1e-4):
+            raise ValueError(
+                f"{self.inputs.in_mask}: the mask's affine differs from that of the field "
+                f"{self.inputs.in_field}; the mask must be on the field's voxel grid "
+                "(resample it, or make it from an image of the same acquisition)"
+            )
         field = field_to_ppm(field, self.inputs.field_units, self.inputs.b0_tesla)
         func_name, needs_b0, options = METHODS[self.inputs.method]
         kwargs = {
@@ -81,7 +92,14 @@ class BackgroundRemoval(SimpleInterface):
         args = [field, mask, voxel_sizes(img.affine)]
         if needs_b0:
             args.append(b0_direction(self.inputs, img.affine))
-        local, valid = func(*args, n_threads=self.inputs.num_threads, **kwargs)
+        try:
+            local, valid = func(*args, n_threads=self.inputs.num_threads, **kwargs)
+        except ValueError as err:
+            # the algorithms name the array and parameter; say which files they came from
+            raise ValueError(
+                f"{self.inputs.method} background removal of {self.inputs.in_field} with mask "
+                f"{self.inputs.in_mask}: {err}"
+            ) from err
         self._results["out_field"] = output_path(runtime.cwd, self.inputs.in_field, "local")
         self._results["out_mask"] = output_path(runtime.cwd, self.inputs.in_field, "localmask")
         save_nifti(local, img.affine, self._results["out_field"], header=img.header)

@@ -30,6 +30,7 @@ import scipy.fft
 from ..dipole import dipole_kernel, normalize_b0_dir
 from ..fft import crop_centered, pad_centered, padded_shape
 from ._validate import check_inputs
+from .smv import erode_edge
 
 __all__ = ["pdf"]
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 #: periodic FFT grid (per side). The result barely depends on it: sources farther out make a
 #: smooth field in the mask, which nearer sources reproduce.
 MARGIN_MM = 8.0
+
+#: Depth (mm) of the mask's edge left out of the returned local field (see pdf).
+PDF_ERODE_MM = 4.0
 
 #: A coarse level is added while every side of its bounding box keeps at least this many voxels.
 _MIN_COARSE_VOXELS = 24
@@ -170,6 +174,7 @@ def pdf(
     b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
     *,
     weights: np.ndarray | None = None,
+    erode_mm: float = PDF_ERODE_MM,
     tol: float = 0.05,
     max_iter: int = 100,
     pad_factor: float = 1.0,
@@ -180,8 +185,21 @@ def pdf(
 
     Finds the susceptibility ``chi_out`` outside the mask whose dipole field best fits the
     total field inside the mask (weighted least squares) and returns the total field minus
-    that fit inside the mask. No voxel of the mask is lost: PDF implies no erosion, and the
-    returned mask is the input mask.
+    that fit, on the mask without its outer ``erode_mm``.
+
+    The whole mask is fitted, but the fit's outer few millimetres are not returned: there the
+    sources just outside the mask, one voxel away, can mimic nearly any field, and the fit
+    absorbs much of the local field, which is strongest right there (cortical veins and sinuses
+    on the brain's surface, grey matter against CSF). On the simulated head (2 mm) the error
+    of PDF run on the true local field alone has an RMS of 110 % of the local field's in the
+    outermost 2 mm and 22 % deeper than 10 mm; on the total field the demeaned NRMSE is 50 %
+    over the whole mask (43 % at 1 mm), 33 % (32 %) without the outer 4 mm (32-35 % over four
+    head models at 2 mm) and 29 % (28 %) without the outer 6 mm. Fitting only the eroded mask
+    is worse (44 % at 2 mm with 4 mm left out): the field next to the edge is what tells the
+    nearby background sources apart. The background itself is removed to a few 1e-5 of its
+    energy (see the tests), so the error is the method's, not the solver's: neither the
+    padding, nor a fitted constant, nor the stopping rule changes it by more than a point or
+    two near the default.
 
     The sources live on a periodic grid that covers the mask's bounding box grown by
     ``pad_factor`` and by at least :data:`MARGIN_MM` per side (fast FFT lengths from
@@ -215,6 +233,10 @@ def pdf(
         Non-negative data weights ``W`` (e.g. the magnitude, or the inverse of the field's noise
         standard deviation); only their values inside the mask count and only relative values
         matter. Default: uniform.
+    erode_mm : float
+        Depth of the mask's edge (mm) whose local field is not returned: voxels whose sphere of
+        this radius (voxel centres, true voxel sizes) does not fit in the mask, the erosion of
+        the SMV methods. 0 returns the whole mask (the plain published method).
     tol : float
         Stopping tolerance, in (0, 1): relative change of the weighted local field in one
         iteration below which a level stops. Smaller values remove more of the field near
@@ -234,14 +256,15 @@ def pdf(
     local_field_ppm : numpy.ndarray
         float32 local field (same unit as the input), zero outside the mask.
     valid_mask : numpy.ndarray
-        bool mask where the local field is valid: a copy of ``mask`` (no erosion).
+        bool mask where the local field is valid: ``mask`` eroded by ``erode_mm``.
 
     Raises
     ------
     ValueError
         For inputs rejected by the shared background-removal checks (shapes, voxel sizes,
         empty, full or border-touching masks, NaN in the mask), a B0 direction that is not
-        three finite numbers or is zero, bad weights, or parameters out of range.
+        three finite numbers or is zero, bad weights, parameters out of range, or a mask with
+        no voxel deeper than ``erode_mm``.
 
     References
     ----------
@@ -256,11 +279,18 @@ def pdf(
         raise ValueError(f"tol must be in (0, 1), got {tol}")
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
+    if not erode_mm >= 0:
+        raise ValueError(f"erode_mm must be >= 0, got {erode_mm}")
     if not pad_factor >= 1:
         raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
     if n_levels is not None and (int(n_levels) != n_levels or n_levels < 0):
         raise ValueError(f"n_levels must be a non-negative integer, got {n_levels}")
     w = _check_weights(weights, roi)
+    valid = erode_edge(roi, vox, float(erode_mm), n_threads=n_threads)
+    if not valid.any():
+        raise ValueError(
+            f"no voxel of the mask is deeper than erode_mm={erode_mm} mm; lower erode_mm"
+        )
 
     # Work on the mask's bounding box; the periodic grid around it holds the sources.
     idx = np.nonzero(roi)
@@ -309,5 +339,5 @@ def pdf(
 
     local = np.zeros(field.shape, np.float32)
     local[box] = crop_centered(e, box_shape)
-    local[~roi] = 0
-    return local, roi.copy()
+    local[~valid] = 0
+    return local, valid

@@ -194,6 +194,31 @@ class _BoxGrid:
         return (self.ifft(mask_spec * sphere) > 1.0 - 0.5 / count) & mask
 
 
+def erode_edge(
+    mask: np.ndarray, voxel_size_mm: Sequence[float], depth_mm: float, *, n_threads: int = 1
+) -> np.ndarray:
+    """The voxels of ``mask`` farther than ``depth_mm`` from every voxel outside it.
+
+    Binary erosion by the sphere of voxel offsets within ``depth_mm`` (true voxel sizes), the
+    same erosion as the SMV methods' (and as :func:`qsmflow.algorithms.masking.erode_mm`),
+    computed as one FFT convolution of the mask's bounding box with the sphere: about ten times
+    faster than a Euclidean distance transform at 1 mm. ``depth_mm`` smaller than every voxel
+    size returns a copy of the mask. The mask must not touch the border of the volume.
+    """
+    roi = np.asarray(mask, bool)
+    if not depth_mm >= 0:
+        raise ValueError(f"the erosion depth must be >= 0 mm, got {depth_mm}")
+    if depth_mm < min(voxel_size_mm) or not roi.any():
+        return roi.copy()
+    grid = _BoxGrid(roi, 0, n_threads)
+    half = [int(np.floor(depth_mm / d + 1e-9)) for d in voxel_size_mm]
+    if any(2 * h + 3 > n for h, n in zip(half, grid.box_shape, strict=True)):
+        return np.zeros_like(roi)  # thinner than the sphere: nothing is left
+    m = grid.pad(roi) > 0.5
+    sphere, count = smv_kernel(grid.shape, voxel_size_mm, depth_mm)
+    return grid.unpad(grid.erode(grid.fft(m.astype(np.float32)), m, sphere, count))
+
+
 def _prepare(
     total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
