@@ -10,10 +10,11 @@ Modules: :mod:`.smv` (spherical-mean-value methods: SHARP, V-SHARP, RESHARP, iSM
 
 from .lbv import lbv, lbv_interior
 from .pdf import pdf
-from .smv import default_radii_mm, ismv, resharp, sharp, smv_kernel, vsharp
+from .smv import default_radii_mm, erode_edge, ismv, resharp, sharp, smv_kernel, vsharp
 
 __all__ = [
     "default_radii_mm",
+    "erode_edge",
     "ismv",
     "lbv",
     "lbv_interior",
