@@ -2,6 +2,7 @@
 
 from .background import BackgroundRemoval
 from .bids import DerivativesDataSink
+from .dicom import ConvertDicom, Dcm2niixVolume, SortDicom
 from .echo_average import AverageEchoes, EchoFields
 from .inversion import DipoleInversion, ReferenceSusceptibility
 from .masking import BrainMask
@@ -13,6 +14,8 @@ __all__ = [
     "BackgroundRemoval",
     "BrainMask",
     "CoilCombination",
+    "ConvertDicom",
+    "Dcm2niixVolume",
     "DerivativesDataSink",
     "DipoleInversion",
     "EchoFields",
@@ -20,4 +23,5 @@ __all__ = [
     "PhaseUnwrap",
     "QCReport",
     "ReferenceSusceptibility",
+    "SortDicom",
 ]

@@ -1,0 +1,499 @@
+"""DICOM to BIDS: plan the names, convert each volume with dcm2niix, scale phase, write BIDS.
+
+Each volume (one part, echo and receive coil of an acquisition) is converted on its own: links
+to its files (or, for an enhanced multi-frame file holding several volumes, a copy of just its
+frames) go into a private folder that dcm2niix converts, so the output is known to be that
+volume whatever dcm2niix calls it. Then
+
+* phase is converted to radians with the vendor's encoding
+  (:func:`qsmflow.algorithms.echoes.phase_scaling.phase_to_radians`): Siemens
+  ``-4096..4095`` (RescaleSlope 2, RescaleIntercept -4096) or raw ``0..4095``; Philips display
+  values in radians or milliradians from RescaleSlope/RescaleIntercept (dcm2niix ``-p n``); GE
+  milliradians; anything else detected from the data range;
+* GE real/imaginary pairs become magnitude ``|re + i im|`` and phase ``angle(re + i im)``;
+* uncombined receive channels are stacked along a 4th (coil) axis, in coil-name order, as
+  MCPC-3D-S (Eckstein et al., MRM 2018) expects;
+* images and JSON sidecars are written atomically under the names planned by
+  :mod:`qsmflow.dicom.naming`; existing files are never replaced unless ``overwrite``.
+
+The DICOM folder is only read.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..io.bids import write_dataset_description, write_tsv
+from ..io.nifti import atomic_path, read_json, save_nifti, write_json
+from .naming import OutputFile, PlannedAcquisition, load_mapping, plan_names
+from .sort import Acquisition, DicomScan, SeriesInfo, Volume, find_acquisitions, scan_dicom
+
+__all__ = [
+    "ConversionResult",
+    "Plan",
+    "convert_plan",
+    "dicom_to_bids",
+    "phase_encoding",
+    "plan_dicom_to_bids",
+]
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Plan:
+    """What a DICOM folder holds and what will be written from it."""
+
+    dicom_dir: Path
+    n_files: int
+    scan: DicomScan
+    planned: list[PlannedAcquisition]
+    skipped: list[tuple[Acquisition, str]]
+
+    @property
+    def planned_paths(self) -> list[Path]:
+        return [out.path for plan in self.planned for out in plan.outputs]
+
+    def summary(self, bids_dir: str | os.PathLike | None = None) -> str:
+        """Human-readable report: files not used (with why), acquisitions skipped, names."""
+        scan = self.scan
+        lines = [
+            f"{self.dicom_dir}: {self.n_files} file(s), {len(scan.images)} MR image(s) in "
+            f"{len(scan.series)} series"
+        ]
+        if scan.non_dicom:
+            lines.append(f"skipped {len(scan.non_dicom)} non-DICOM file(s):")
+            lines += [f"  {p}" for p in scan.non_dicom]
+        if scan.corrupt:
+            lines.append(f"{len(scan.corrupt)} corrupt DICOM file(s) (not used):")
+            lines += [f"  {p}: {why}" for p, why in scan.corrupt]
+        if scan.ignored:
+            lines.append(f"ignored {len(scan.ignored)} DICOM file(s) that are not MR images:")
+            lines += [f"  {p}: {why}" for p, why in scan.ignored]
+        for acq, why in self.skipped:
+            lines.append(f"not converted: {acq.description}: {why}")
+        root = Path(bids_dir) if bids_dir is not None else None
+        for plan in self.planned:
+            lines.append(f"{plan.acquisition.description} ->")
+            for out in plan.outputs:
+                exists = root is not None and (root / out.path).exists()
+                lines.append(f"  {out.path}" + ("  [exists]" if exists else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class ConversionResult:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_dicom_to_bids(
+    dicom_dir: str | os.PathLike,
+    *,
+    participant_label: str | None = None,
+    session: str | None = None,
+    mapping_file: str | os.PathLike | None = None,
+    acq_rules: Sequence[tuple[str, str]] = (),
+    progress: Progress | None = None,
+    n_procs: int = 1,
+) -> Plan:
+    """Scan ``dicom_dir`` (headers only, ``n_procs`` processes), sort it and plan the names."""
+    mapping = load_mapping(mapping_file)
+    dicom_dir = Path(dicom_dir).absolute()
+
+    def scanned(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, "read DICOM headers")
+
+    scan = scan_dicom(dicom_dir, progress=scanned, n_procs=n_procs)
+    n_files = len(scan.non_dicom) + len(scan.corrupt) + len(scan.ignored)
+    n_files += len({im.path for im in scan.images})
+    acquisitions = find_acquisitions(scan)
+    planned, skipped = plan_names(
+        acquisitions,
+        participant_label=participant_label,
+        session=session,
+        mapping=mapping,
+        acq_rules=acq_rules,
+    )
+    paths = [p for plan in planned for p in (o.path for o in plan.outputs)]
+    dupes = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if dupes:
+        raise ValueError(
+            f"two acquisitions would be written to {dupes[0]}; give them different acq labels "
+            "with a mapping file or --acq-label"
+        )
+    return Plan(dicom_dir, n_files, scan, planned, skipped)
+
+
+# ------------------------------------------------------------------------------ phase scaling
+def phase_encoding(info: SeriesInfo, rescale: tuple[float, float]) -> str:
+    """Name of the phase encoding (see ``PHASE_ENCODINGS``) of a vendor's display values.
+
+    ``rescale`` is the images' (RescaleSlope, RescaleIntercept); the values are those after
+    rescaling, as dcm2niix writes them (Philips display values with ``-p n``).
+    """
+    slope, inter = rescale
+    if info.vendor == "siemens":
+        if abs(slope - 2) < 1e-6 and abs(inter + 4096) < 1e-3:
+            return "-4096..4095"
+        if abs(slope - 1) < 1e-6 and abs(inter) < 1e-6:
+            return "0..4095"
+    elif info.vendor == "philips":
+        if abs(inter + np.pi) < 1e-2:
+            return "radians"
+        if abs(inter + 1000 * np.pi) < 10:
+            return "milliradians"
+    elif info.vendor == "ge":
+        return "milliradians"
+    return "auto"
+
+
+def _to_radians(data: np.ndarray, encoding: str, where: str) -> np.ndarray:
+    from ..algorithms.echoes.phase_scaling import phase_to_radians
+
+    try:
+        return phase_to_radians(data, encoding=encoding)
+    except ValueError:
+        if encoding == "auto":
+            raise
+    try:  # the vendor's usual encoding does not fit: fall back to the data range
+        return phase_to_radians(data, encoding="auto")
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------ dcm2niix
+def _split_frames(path: Path, frames: list[int], dest: Path) -> None:
+    """Write the frames ``frames`` of an enhanced multi-frame file to ``dest`` (a new file)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    n = int(ds.NumberOfFrames)
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    ts = ds.file_meta.TransferSyntaxUID
+    if not ts.is_compressed:
+        size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
+        data = ds.PixelData
+        ds.PixelData = b"".join(data[i * size : (i + 1) * size] for i in frames)
+    else:
+        chunks = list(generate_frames(ds.PixelData, number_of_frames=n))
+        ds.PixelData = encapsulate([chunks[i] for i in frames])
+        ds["PixelData"].is_undefined_length = True
+    ds.NumberOfFrames = len(frames)
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([per_frame[i] for i in frames])
+    ds.save_as(dest)
+
+
+def _link(src: Path, dest: Path) -> None:
+    try:
+        os.symlink(os.path.abspath(src), dest)
+    except OSError:  # file systems without symlinks
+        shutil.copy2(src, dest)
+
+
+def _run_dcm2niix(volume: Volume, folder: Path) -> tuple[Any, dict]:
+    """Convert one volume; returns (nibabel image, dcm2niix sidecar)."""
+    import nibabel as nib
+
+    from ..interfaces.dicom import Dcm2niixVolume
+
+    src, out = folder / "in", folder / "out"
+    src.mkdir(parents=True)
+    out.mkdir()
+    frames: dict[Path, list[int]] = {}
+    for im in volume.images:
+        frames.setdefault(im.path, [])
+        if im.frame is not None:
+            frames[im.path].append(im.frame)
+    for i, (path, idx) in enumerate(sorted(frames.items())):
+        dest = src / f"{i:06d}.dcm"
+        if idx and not _all_frames(path, idx):
+            _split_frames(path, sorted(idx), dest)
+        else:
+            _link(path, dest)
+    # The command line comes from the Nipype interface; it is run with subprocess because
+    # Nipype's CommandLine.run adds ~0.2 s per call (gc.collect, ldd of the binary, polled I/O)
+    # and a conversion runs dcm2niix once per volume (hundreds of times for coil data).
+    cmd = Dcm2niixVolume(source_dir=str(src), output_dir=str(out), out_filename="vol").cmdline
+    proc = subprocess.run(shlex.split(cmd), cwd=folder, capture_output=True, text=True)
+    stdout = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode not in (0, 1):  # dcm2niix may return 1 after a successful conversion
+        raise RuntimeError(f"dcm2niix failed ({proc.returncode}): {stdout.strip()[-600:]}")
+    images = sorted(out.glob("*.nii"), key=lambda p: (len(p.name), p.name))
+    if not images:
+        raise RuntimeError(f"dcm2niix wrote no image: {stdout.strip()[-600:]}")
+    main = images[0]  # extra outputs (overlays as _ROI1, ...) have longer names
+    sidecar = main.with_suffix(".json")
+    meta = read_json(sidecar) if sidecar.exists() else {}
+    img = nib.load(str(main))
+    return img, meta
+
+
+def _all_frames(path: Path, frames: list[int]) -> bool:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+    return sorted(frames) == list(range(int(ds.get("NumberOfFrames", 1) or 1)))
+
+
+# ------------------------------------------------------------------------------ writing
+def _check_targets(plan: Plan, bids_dir: Path, overwrite: bool) -> None:
+    if bids_dir.exists() and not bids_dir.is_dir():
+        raise FileExistsError(f"{bids_dir}: exists and is not a folder; choose another BIDS_DIR")
+    try:
+        if bids_dir.resolve().is_relative_to(plan.dicom_dir.resolve()):
+            raise ValueError(
+                f"{bids_dir}: inside DICOM_DIR {plan.dicom_dir}; the DICOM folder is never "
+                "written to, choose a BIDS_DIR outside it"
+            )
+    except OSError:
+        pass
+    if overwrite:
+        return
+    existing = [
+        str(p)
+        for out in (o for plan_ in plan.planned for o in plan_.outputs)
+        for p in (out.path, out.sidecar)
+        if (bids_dir / p).exists()
+    ]
+    if existing:
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        raise FileExistsError(
+            f"{bids_dir}: {', '.join(existing[:5])}{more} already exist(s); pass --overwrite to "
+            "replace them, or choose other labels (--session, a mapping file)"
+        )
+
+
+def _dataset_files(bids_dir: Path, subjects: list[str]) -> None:
+    """dataset_description.json, README and participants.tsv, added to (never replaced)."""
+    if not (bids_dir / "dataset_description.json").exists():
+        write_dataset_description(
+            bids_dir,
+            "Converted from DICOM by qsmflow-dicom2bids",
+            generated_by={
+                "Name": "qsmflow-dicom2bids",
+                "Version": __version__,
+                "Description": "DICOM sorting with pydicom, conversion with dcm2niix",
+            },
+        )
+    if not any((bids_dir / n).exists() for n in ("README", "README.md", "README.rst")):
+        (bids_dir / "README.md").write_text(
+            "# DICOM conversion\n\nMulti-echo gradient-echo (and T1w) images converted from "
+            f"DICOM by qsmflow-dicom2bids (qsmflow {__version__}) with dcm2niix. Phase is in "
+            "radians; uncombined receive channels, where present, are stacked along the 4th "
+            "axis.\n"
+        )
+    tsv = bids_dir / "participants.tsv"
+    rows: list[dict[str, str]] = []
+    columns = ["participant_id"]
+    if tsv.exists():
+        lines = [ln.split("\t") for ln in tsv.read_text().splitlines() if ln.strip()]
+        if lines:
+            columns = lines[0]
+            rows = [dict(zip(columns, ln, strict=False)) for ln in lines[1:]]
+    known = {r.get("participant_id") for r in rows}
+    for sub in subjects:
+        if f"sub-{sub}" not in known:
+            rows.append({"participant_id": f"sub-{sub}"})
+            known.add(f"sub-{sub}")
+    write_tsv(rows, tsv, columns)
+    if not (bids_dir / "participants.json").exists():
+        write_json(
+            {"participant_id": {"Description": "Subject label (from the DICOM PatientID)"}},
+            bids_dir / "participants.json",
+        )
+
+
+def _sidecar(meta: dict, acq: Acquisition, out: OutputFile, echo_te_ms, extra: dict) -> dict:
+    drop = ("EchoNumber", "Units") + (
+        ("CoilString",) if "ReceiveCoilActiveElements" in extra else ()
+    )
+    side = {k: v for k, v in meta.items() if k not in drop}
+    if echo_te_ms is not None:
+        side["EchoTime"] = round(float(echo_te_ms) / 1000, 8)
+    if len(acq.echoes) > 1 and out.echo is not None:
+        side["EchoNumber"] = out.echo
+    if "MagneticFieldStrength" not in side and acq.info.b0_tesla:
+        side["MagneticFieldStrength"] = acq.info.b0_tesla
+    if out.part == "phase":
+        side["Units"] = "rad"
+    side.update(extra)
+    return side
+
+
+def _convert_acquisition(
+    plan: PlannedAcquisition,
+    bids_dir: Path,
+    work: Path,
+    n_threads: int,
+    progress: Callable[[str], None] | None,
+) -> list[Path]:
+    acq = plan.acquisition
+    needed = {(o.part, o.echo) for o in plan.outputs}
+    parts = set(acq.parts)
+    from_complex = "phase" in {p for p, _ in needed} and not ({"mag", "phase"} <= parts)
+    use = {"real", "imag"} if from_complex else {"mag", "phase"}
+    if from_complex and not {"real", "imag"} <= parts:
+        raise ValueError(f"{acq.description}: needs magnitude and phase or real and imaginary")
+    volumes = [v for v in acq.volumes if v.part in use and (v.echo in {e for _, e in needed})]
+    if not from_complex and "phase" not in {p for p, _ in needed}:
+        volumes = [v for v in volumes if v.part == "mag"]
+
+    def run(item):
+        i, vol = item
+        res = _run_dcm2niix(vol, work / f"v{i:04d}")
+        if progress is not None:
+            progress(f"dcm2niix {vol.part} echo {vol.echo}" + (f" {vol.coil}" if vol.coil else ""))
+        return res
+
+    with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+        results = list(pool.map(run, enumerate(volumes)))
+    converted = {(v.part, v.echo, v.coil): r for v, r in zip(volumes, results, strict=True)}
+    first_img = results[0][0]
+    for v, (img, _) in zip(volumes, results, strict=True):
+        where = f"{acq.description} {v.part} echo {v.echo}"
+        if img.shape[:3] != first_img.shape[:3] or (len(img.shape) > 3 and img.shape[3] != 1):
+            raise ValueError(
+                f"{where}: dcm2niix gave shape {img.shape}, other volumes {first_img.shape}"
+            )
+        n_slices = img.shape[2] if len(img.shape) >= 3 else 1
+        if n_slices != acq.n_slices:
+            raise ValueError(f"{where}: dcm2niix converted {n_slices} of {acq.n_slices} slices")
+        if not np.allclose(img.affine, first_img.affine, atol=1e-3):
+            raise ValueError(f"{where}: geometry differs from the other volumes")
+
+    coils = _coil_order(acq)
+    written = []
+    for out in plan.outputs:
+
+        def load(part, echo):
+            arrays = []
+            for coil in coils:
+                img, _ = converted[(part, echo, coil)]
+                arrays.append(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]))
+            return np.stack(arrays, axis=3) if len(arrays) > 1 else arrays[0]
+
+        src_part = ("real" if from_complex else out.part) if out.part else "mag"
+        img, meta = converted[(src_part, out.echo, coils[0])]
+        vol = next(v for v in volumes if v.part == src_part and v.echo == out.echo)
+        extra: dict[str, Any] = {}
+        if coils != [None]:
+            extra["ReceiveCoilActiveElements"] = ",".join(str(c) for c in coils)
+        if from_complex:
+            signal = load("real", out.echo) + 1j * load("imag", out.echo)
+            data = np.abs(signal) if out.part == "mag" else np.angle(signal)
+            data = data.astype(np.float32)
+            extra["ImageType"] = ["DERIVED", "PRIMARY", "M" if out.part == "mag" else "P"]
+            if out.part == "phase":
+                data = _to_radians(data, "radians", str(out.path))
+        elif out.part == "phase":
+            enc = phase_encoding(acq.info, vol.images[0].rescale)
+            data = _to_radians(load("phase", out.echo), enc, f"{acq.description} phase")
+        else:
+            data = None if coils == [None] else load("mag", out.echo)
+        target = bids_dir / out.path
+        if data is None:  # magnitude as dcm2niix wrote it (integers and scaling kept)
+            import nibabel as nib
+
+            with atomic_path(target) as tmp:
+                nib.save(img, str(tmp))
+        else:
+            save_nifti(data, img.affine, target, header=img.header)
+        write_json(_sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar)
+        written.append(target)
+    return written
+
+
+def _coil_order(acq: Acquisition) -> list[str | None]:
+    return acq.coils
+
+
+def convert_plan(
+    plan: Plan,
+    bids_dir: str | os.PathLike,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    n_threads: int = 1,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Write the planned acquisitions into ``bids_dir`` (created, or added to).
+
+    Refuses (``FileExistsError``, nothing written) when a planned file exists and not
+    ``overwrite``. An acquisition that fails to convert is reported in the result's ``failed``
+    (label, reason) and the others still run. ``n_threads`` dcm2niix runs go in parallel.
+    """
+    bids_dir = Path(bids_dir).absolute()
+    _check_targets(plan, bids_dir, overwrite)
+    result = ConversionResult()
+    if not plan.planned:
+        return result
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    _dataset_files(bids_dir, sorted({p.entities["sub"] for p in plan.planned}))
+    total = sum(len([v for v in p.acquisition.volumes]) for p in plan.planned)
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total), total, label)
+
+    tmp_root = Path(work_dir) if work_dir is not None else None
+    if tmp_root is not None:
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="qsmflow-dcm2niix-", dir=tmp_root))
+    try:
+        for i, planned in enumerate(plan.planned):
+            label = "_".join(f"{k}-{v}" for k, v in planned.entities.items() if v is not None)
+            try:
+                result.written += _convert_acquisition(
+                    planned, bids_dir, work / f"a{i:03d}", n_threads, step
+                )
+            except (RuntimeError, ValueError, OSError) as exc:
+                result.failed.append((f"{label} ({planned.acquisition.description})", str(exc)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def dicom_to_bids(
+    dicom_dir: str | os.PathLike,
+    bids_dir: str | os.PathLike,
+    *,
+    participant_label: str | None = None,
+    session: str | None = None,
+    mapping_file: str | os.PathLike | None = None,
+    acq_rules: Sequence[tuple[str, str]] = (),
+    overwrite: bool = False,
+    n_threads: int = 1,
+    progress: Progress | None = None,
+) -> tuple[Plan, ConversionResult]:
+    """Sort ``dicom_dir`` and convert it into the BIDS dataset ``bids_dir``."""
+    plan = plan_dicom_to_bids(
+        dicom_dir,
+        participant_label=participant_label,
+        session=session,
+        mapping_file=mapping_file,
+        acq_rules=acq_rules,
+        progress=progress,
+        n_procs=n_threads,
+    )
+    result = convert_plan(
+        plan, bids_dir, overwrite=overwrite, n_threads=n_threads, progress=progress
+    )
+    return plan, result

@@ -1,0 +1,323 @@
+"""DICOM to BIDS: simulator -> vendor-flavoured DICOM -> qsmflow-dicom2bids -> BIDS, vs truth."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow.cli.dicom2bids import main as dicom2bids
+from qsmflow.dicom.synthetic import DicomFlavour, write_simulated_dicom
+from qsmflow.io.nifti import b0_direction_from_affine
+from qsmflow.phantom import make_head_model
+from qsmflow.simulate import AcquisitionParams, rotation_matrix, simulate_acquisition
+
+TES = (0.004, 0.009, 0.014, 0.019)
+MATRIX, VOXEL = (32, 40, 10), (5.0, 5.0, 5.0)
+
+
+def _sim(n_coils=0, pitch=0.0, oblique=0.0, tes=TES, seed=0):
+    params = AcquisitionParams(
+        matrix=MATRIX, voxel_size_mm=VOXEL, echo_times_s=tes, n_coils=n_coils, oblique_deg=oblique
+    )
+    return simulate_acquisition(
+        make_head_model(0),
+        params,
+        head_rotation=rotation_matrix(pitch, 0.0),
+        rng=np.random.default_rng(seed),
+        margin_mm=10.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def sims():
+    return {
+        "ori1": _sim(),
+        "ori2": _sim(pitch=20.0, oblique=12.0, seed=1),
+        "coils": _sim(n_coils=2, seed=2),
+        "t1": _sim(tes=(0.003,), seed=3),
+    }
+
+
+#: subject label -> (flavour, simulation, protocol, acquisition time)
+CASES = {
+    "SIE": [
+        (DicomFlavour("siemens"), "ori1", "gre_qsm", "120000.000000"),
+        (DicomFlavour("siemens"), "ori2", "gre_qsm", "121500.000000"),
+        (DicomFlavour("siemens", parts=("mag",)), "t1", "t1_mprage_sag", "123000.000000"),
+    ],
+    "SIECOIL": [(DicomFlavour("siemens"), "coils", "gre_qsm_uncombined", "120000.000000")],
+    "SIEMF": [(DicomFlavour("siemens", multiframe=True), "ori2", "gre_qsm", "120000.000000")],
+    "PHI": [(DicomFlavour("philips"), "ori1", "FFE_4echo", "120000.000000")],
+    "PHIMF": [(DicomFlavour("philips", multiframe=True), "ori2", "FFE_4echo", "120000.000000")],
+    "GE": [(DicomFlavour("ge", parts=("real", "imag")), "ori2", "QSM", "120000.000000")],
+    "GEMF": [
+        (DicomFlavour("ge", multiframe=True, parts=("real", "imag")), "ori1", "QSM", "120000")
+    ],
+    "GEMP": [(DicomFlavour("ge"), "ori1", "QSM", "120000.000000")],
+}
+
+
+def _tree_digest(root: Path) -> dict[str, tuple[str, float]]:
+    return {
+        str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest(), p.stat().st_mtime)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(sims, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicom")
+    for subject, acquisitions in CASES.items():
+        for i, (flavour, sim, protocol, when) in enumerate(acquisitions):
+            write_simulated_dicom(
+                sims[sim],
+                root / subject / f"s{i}",
+                flavour,
+                patient_id=subject,
+                series_number=10 * i + 1,
+                protocol=protocol,
+                acquisition_time=when,
+            )
+    (root / "notes.txt").write_text("scanner export notes, not DICOM\n")
+    good = next((root / "GEMP" / "s0").glob("*.dcm")).read_bytes()
+    (root / "broken.dcm").write_bytes(good[: len(good) - 500])  # truncated pixel data
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(dicom_dir, tmp_path_factory):
+    """qsmflow-dicom2bids on the whole tree; returns (BIDS dir, exit code, stdout, digests)."""
+    before = _tree_digest(dicom_dir)
+    bids = tmp_path_factory.mktemp("bids") / "ds"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = dicom2bids([str(dicom_dir), str(bids), "--nprocs", "2"])
+    return bids, code, out.getvalue(), before, _tree_digest(dicom_dir)
+
+
+def _to_reference(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray):
+    """Reorder ``data`` onto the reference voxel grid; also return the 3x3 signed permutation.
+
+    The two affines must describe the same grid up to axis order and flips (dcm2niix may flip
+    rows); anything else fails the assertion, so this also checks the geometry.
+    """
+    m = np.linalg.inv(ref_affine) @ affine
+    perm = np.rint(m[:3, :3])
+    assert np.allclose(m[:3, :3], perm, atol=1e-3), m
+    assert np.allclose(m[:3, 3], np.rint(m[:3, 3]), atol=1e-2), m
+    order = [int(np.argmax(np.abs(perm[:, j]))) for j in range(3)]  # out axis j -> ref axis
+    out = np.transpose(data, list(np.argsort(order)) + list(range(3, data.ndim)))
+    p = perm[:, np.argsort(order)]
+    for axis in range(3):
+        if p[axis, axis] < 0:
+            out = np.flip(out, axis)
+    return out, perm
+
+
+def _load(bids: Path, name: str):
+    img = nib.load(bids / name)
+    side = json.loads((bids / name.replace(".nii.gz", ".json")).read_text())
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine, side
+
+
+def _wrap(x):
+    return np.angle(np.exp(1j * x))
+
+
+# (subject, run) -> simulation key, and the phase quantisation step (rad) of each vendor
+EXPECTED = {
+    ("SIE", 1): "ori1",
+    ("SIE", 2): "ori2",
+    ("SIECOIL", None): "coils",
+    ("SIEMF", None): "ori2",
+    ("PHI", None): "ori1",
+    ("PHIMF", None): "ori2",
+    ("GE", None): "ori2",
+    ("GEMF", None): "ori1",
+    ("GEMP", None): "ori1",
+}
+PHASE_STEP = {"SIE": np.pi / 2048, "PHI": 2 * np.pi / 4095, "GE": 1e-3}
+
+
+def test_conversion_succeeds_and_lists_bad_files(converted):
+    bids, code, stdout, *_ = converted
+    assert code == 0, stdout
+    assert "notes.txt" in stdout.split("non-DICOM")[1].split("\n")[1]
+    corrupt = stdout.split("corrupt DICOM")[1].splitlines()[1]
+    assert "broken.dcm" in corrupt and "truncated" in corrupt
+    assert (bids / "dataset_description.json").exists()
+    participants = (bids / "participants.tsv").read_text().split()
+    assert sorted(participants[1:]) == sorted(f"sub-{s}" for s in CASES)
+
+
+def test_input_folder_unchanged(converted):
+    *_, before, after = converted
+    assert before == after
+
+
+@pytest.mark.parametrize(("subject", "run"), list(EXPECTED))
+def test_round_trip_matches_simulation(converted, sims, subject, run):
+    bids, code, *_ = converted
+    assert code == 0
+    sim = sims[EXPECTED[(subject, run)]]
+    prefix = f"sub-{subject}/anat/sub-{subject}" + (f"_run-{run}" if run else "")
+    mag_step = float(np.abs(sim.magnitude).max()) * 1.05 / 4095
+    vendor = subject[:3] if subject[:3] in PHASE_STEP else subject[:2]
+    complex_pair = subject in ("GE", "GEMF")
+    for e, te in enumerate(TES):
+        mag, aff_m, side_m = _load(bids, f"{prefix}_echo-{e + 1}_part-mag_MEGRE.nii.gz")
+        phase, aff_p, side_p = _load(bids, f"{prefix}_echo-{e + 1}_part-phase_MEGRE.nii.gz")
+        assert side_p["EchoTime"] == pytest.approx(te) and side_m["EchoTime"] == pytest.approx(te)
+        assert side_p["MagneticFieldStrength"] == pytest.approx(3.0)
+        assert side_p["Units"] == "rad"
+        mag, perm = _to_reference(mag, aff_m, sim.affine)
+        phase, _ = _to_reference(phase, aff_p, sim.affine)
+        # B0 along the same voxel direction as in the simulation (signs follow the axis flips)
+        b0 = perm @ b0_direction_from_affine(aff_p)
+        assert np.allclose(b0, sim.b0_dir, atol=1e-4)
+        true_mag, true_phase = sim.magnitude[:, :, :, e], sim.phase[:, :, :, e]
+        assert mag.shape == true_mag.shape
+        assert phase.min() >= -np.pi and phase.max() < np.pi
+        if complex_pair:
+            step = float(np.abs(sim.magnitude).max()) * 1.05 / 32000
+            assert np.abs(mag - true_mag).max() <= step * 0.71 + 1e-6
+            # real/imaginary rounding moves the phase by at most asin(step / (sqrt2 |s|))
+            bound = np.arcsin(np.minimum(1, step * 0.71 / np.maximum(true_mag, 1e-12)))
+            assert np.all(np.abs(_wrap(phase - true_phase)) <= bound + 1e-5)
+        else:
+            assert np.abs(mag - true_mag).max() <= mag_step / 2 * 1.001 + 1e-6
+            err = np.abs(_wrap(phase - true_phase)).max()
+            assert err <= PHASE_STEP[vendor] / 2 * 1.01 + 1e-6, err
+        if subject == "SIECOIL":
+            assert side_p["ReceiveCoilActiveElements"] == "H1,H2"
+
+
+def test_orientations_are_runs_with_their_own_b0_direction(converted, sims):
+    bids, *_ = converted
+    b0 = []
+    for run in (1, 2):
+        img = nib.load(bids / f"sub-SIE/anat/sub-SIE_run-{run}_echo-1_part-phase_MEGRE.nii.gz")
+        b0.append(b0_direction_from_affine(img.affine))
+    # the tilted slab's B0 direction is 12 degrees off the first one's
+    angle = np.degrees(np.arccos(abs(float(b0[0] @ b0[1]))))
+    assert angle == pytest.approx(12.0, abs=0.1)
+
+
+def test_t1w_and_coil_dimension(converted, sims):
+    bids, *_ = converted
+    t1, aff, side = _load(bids, "sub-SIE/anat/sub-SIE_T1w.nii.gz")
+    t1, _ = _to_reference(t1, aff, sims["t1"].affine)
+    step = float(sims["t1"].magnitude.max()) * 1.05 / 4095
+    assert np.abs(t1 - sims["t1"].magnitude[..., 0]).max() <= step / 2 * 1.001 + 1e-6
+    coil = nib.load(bids / "sub-SIECOIL/anat/sub-SIECOIL_echo-1_part-phase_MEGRE.nii.gz")
+    assert coil.shape == (*MATRIX, 2)
+
+
+def _validate(path: Path):
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install qsmflow[test])")
+    proc = subprocess.run(
+        [exe, str(path), "--format", "json"], capture_output=True, text=True, timeout=300
+    )
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [i for i in issues if i["severity"] == "error"]
+    warnings = sorted(
+        {f"{i['code']}:{i.get('subCode')}" for i in issues if i["severity"] == "warning"}
+    )
+    print("BIDS validator warnings:", warnings)
+    return errors
+
+
+def test_bids_validator_zero_errors(converted):
+    bids, *_ = converted
+    assert _validate(bids) == []
+
+
+def test_dry_run_writes_nothing(dicom_dir, tmp_path, capsys):
+    target = tmp_path / "never"
+    assert dicom2bids([str(dicom_dir / "GEMP"), str(target), "--dry-run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "sub-GEMP/anat/sub-GEMP_echo-4_part-phase_MEGRE.nii.gz" in out
+    assert "dry run" in out and not target.exists()
+
+
+def test_existing_files_are_kept_unless_overwrite(dicom_dir, tmp_path, capsys):
+    bids = tmp_path / "ds"
+    args = [str(dicom_dir / "GEMP"), str(bids), "--quiet", "--participant-label", "01"]
+    assert dicom2bids(args) == 0
+    target = bids / "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"
+    stamp = target.stat().st_mtime_ns
+    capsys.readouterr()
+    assert dicom2bids(args) == 1
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err
+    assert target.stat().st_mtime_ns == stamp
+    # adding another subject keeps the first and extends participants.tsv
+    assert dicom2bids([str(dicom_dir / "PHI"), str(bids), "--quiet"]) == 0
+    assert (bids / "participants.tsv").read_text().split()[1:] == ["sub-01", "sub-PHI"]
+    assert dicom2bids([*args, "--overwrite"]) == 0
+    assert target.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize(
+    ("omit", "message"),
+    [
+        ([("phase", 2, 4)], "missing slices"),
+        ([("mag", 4, k) for k in range(MATRIX[2])], "missing echoes"),
+        ([(p, 3, k) for p in ("mag", "phase") for k in range(MATRIX[2])], "missing echoes"),
+    ],
+)
+def test_incomplete_series_are_reported_not_converted(sims, tmp_path, capsys, omit, message):
+    src = tmp_path / "dicom"
+    write_simulated_dicom(sims["ori1"], src, DicomFlavour("philips"), patient_id="P1", omit=omit)
+    bids = tmp_path / "ds"
+    assert dicom2bids([str(src), str(bids), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "not converted" in captured.out and message in captured.out
+    assert "nothing to convert" in captured.err
+    assert not bids.exists()
+
+
+def test_bad_arguments_give_one_line_errors(dicom_dir, tmp_path, capsys):
+    assert dicom2bids([str(tmp_path / "missing"), str(tmp_path / "ds")]) == 1
+    assert "not a folder" in capsys.readouterr().err
+    assert dicom2bids([str(dicom_dir / "GE"), str(dicom_dir / "GE" / "out")]) == 1
+    assert "inside DICOM_DIR" in capsys.readouterr().err
+    bad = tmp_path / "map.json"
+    bad.write_text('{"series": [{"acq": "x"}]}')
+    assert dicom2bids([str(dicom_dir / "GE"), str(tmp_path / "ds"), "--mapping", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and "'match'" in err
+    assert dicom2bids([str(dicom_dir / "GE"), str(tmp_path / "ds"), "--session", "a_b"]) == 1
+    assert "alphanumeric" in capsys.readouterr().err
+
+
+def test_mapping_file_sets_labels(dicom_dir, tmp_path, capsys):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(
+        json.dumps(
+            {
+                "participants": {"SIE": "07"},
+                "sessions": {"20240102": "pre"},
+                "series": [{"match": "t1_*", "skip": True}, {"match": "gre_qsm", "acq": "qsm"}],
+            }
+        )
+    )
+    code = dicom2bids(
+        [str(dicom_dir / "SIE"), str(tmp_path / "x"), "--dry-run", "--mapping", str(mapping)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sub-07/ses-pre/anat/sub-07_ses-pre_acq-qsm_run-2_echo-1_part-mag_MEGRE.nii.gz" in out
+    assert "T1w.nii" not in out and "skipped by the rule" in out
