@@ -21,6 +21,7 @@ The DICOM folder is only read.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shlex
 import shutil
@@ -406,11 +407,10 @@ def _convert_acquisition(
         else:
             data = None if coils == [None] else load("mag", out.echo)
         target = bids_dir / out.path
-        if data is None:  # magnitude as dcm2niix wrote it (integers and scaling kept)
-            import nibabel as nib
-
-            with atomic_path(target) as tmp:
-                nib.save(img, str(tmp))
+        if data is None:  # magnitude as dcm2niix wrote it: its bytes, gzipped (no rescaling)
+            with atomic_path(target) as tmp, open(img.get_filename(), "rb") as src:
+                with gzip.open(tmp, "wb", compresslevel=1) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
         else:
             save_nifti(data, img.affine, target, header=img.header)
         write_json(_sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar)
