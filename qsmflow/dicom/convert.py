@@ -378,16 +378,15 @@ def _convert_acquisition(
             raise ValueError(f"{where}: geometry differs from the other volumes")
 
     coils = _coil_order(acq)
-    written = []
-    for out in plan.outputs:
 
-        def load(part, echo):
-            arrays = []
-            for coil in coils:
-                img, _ = converted[(part, echo, coil)]
-                arrays.append(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]))
-            return np.stack(arrays, axis=3) if len(arrays) > 1 else arrays[0]
+    def load(part, echo):
+        arrays = []
+        for coil in coils:
+            img, _ = converted[(part, echo, coil)]
+            arrays.append(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]))
+        return np.stack(arrays, axis=3) if len(arrays) > 1 else arrays[0]
 
+    def write(out: OutputFile) -> Path:
         src_part = ("real" if from_complex else out.part) if out.part else "mag"
         img, meta = converted[(src_part, out.echo, coils[0])]
         vol = next(v for v in volumes if v.part == src_part and v.echo == out.echo)
@@ -414,8 +413,11 @@ def _convert_acquisition(
         else:
             save_nifti(data, img.affine, target, header=img.header)
         write_json(_sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar)
-        written.append(target)
-    return written
+        return target
+
+    # gzip and numpy release the GIL: outputs are written in parallel too
+    with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+        return list(pool.map(write, plan.outputs))
 
 
 def _coil_order(acq: Acquisition) -> list[str | None]:

@@ -280,33 +280,35 @@ def write_simulated_dicom(
         for part in flavour.parts:
             data, slope, intercept, signed, bits = stored[part]
             number = series_of[part]
+            # one dataset per series, updated image by image (building each from scratch is
+            # several times slower)
+            ds = Dataset()
+            common(ds, part, number)
+            ds.ImageType = image_type(part)
+            ds.ScanningSequence = "GR"
+            ds.SequenceVariant = "SP"
+            ds.ScanOptions = ""
+            ds.SequenceName = "*fl3d4r"
+            ds.RepetitionTime = p.repetition_time_s * 1000
+            ds.EchoTrainLength = n_echoes
+            ds.FlipAngle = p.flip_angle_deg
+            ds.NumberOfAverages = 1
+            ds.ImagesInAcquisition = nz * n_echoes * n_coils
+            ds.RescaleIntercept = intercept
+            ds.RescaleSlope = slope
             for c in range(n_coils):
+                vendor_private(ds, part, c if coils else None)
                 for e in range(n_echoes):
+                    ds.EchoTime = te_ms[e]
+                    ds.EchoNumbers = e + 1
+                    vol = data[..., e, c] if coils else data[..., e]
                     for k in range(nz):
                         instance += 1
                         if (part, e + 1, k) in omit_set:
                             continue
-                        ds = Dataset()
-                        common(ds, part, number)
-                        ds.ImageType = image_type(part)
-                        ds.ScanningSequence = "GR"
-                        ds.SequenceVariant = "SP"
-                        ds.ScanOptions = ""
-                        ds.SequenceName = "*fl3d4r"
-                        ds.RepetitionTime = p.repetition_time_s * 1000
-                        ds.EchoTime = te_ms[e]
-                        ds.EchoNumbers = e + 1
-                        ds.EchoTrainLength = n_echoes
-                        ds.FlipAngle = p.flip_angle_deg
-                        ds.NumberOfAverages = 1
-                        ds.ImagesInAcquisition = nz * n_echoes * n_coils
                         ds.InstanceNumber = instance
                         ds.ImagePositionPatient = positions[k]
                         ds.SliceLocation = round(float(np.dot(normal, positions[k])), 6)
-                        ds.RescaleIntercept = intercept
-                        ds.RescaleSlope = slope
-                        vendor_private(ds, part, c if coils else None)
-                        vol = data[..., e, c] if coils else data[..., e]
                         ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).tobytes()
                         uid = _uid("sop", ds.SeriesInstanceUID, instance)
                         path = out_dir / f"IM_{number:04d}_{instance:05d}.dcm"
