@@ -132,6 +132,7 @@ def test_tikhonov_solves_its_normal_equations(regularization):
         b0,
         lambda_=lam,
         regularization=regularization,
+        correct=False,
         pad_factor=1.0,
     )
     assert out.dtype == np.float32
@@ -159,14 +160,18 @@ def test_large_sphere(vox, b0):
 
     # TSVD: measured 0.1065 and 0.0936
     assert contrast(tsvd(field, mask, vox, b0)) == pytest.approx(0.1, rel=0.1)
-    # gradient Tikhonov keeps low frequencies: measured 0.0960 and 0.0962
+    # gradient Tikhonov keeps low frequencies: measured 0.0960 and 0.0962 uncorrected,
+    # 0.1127 and 0.1139 with the default correction, which restores 3 mm balls and so
+    # over-restores this 8 mm one by the ratio of the two responses (~13 %)
+    raw = tikhonov(field, mask, vox, b0, correct=False)
+    assert contrast(raw) == pytest.approx(0.1, rel=0.1)
     grad = tikhonov(field, mask, vox, b0)
-    assert contrast(grad) == pytest.approx(0.1, rel=0.1)
+    assert contrast(raw) < contrast(grad) < 0.1 * 1.2
     assert grad[inner].std() < 0.05 * 0.1
     # identity Tikhonov scales an isotropic spectrum by the orientation average of
     # D^2 / (D^2 + lambda) (0.742 at 0.01); measured 0.0736 and 0.0740
     lam = 0.01
-    raw = tikhonov(field, mask, vox, b0, lambda_=lam, regularization="identity")
+    raw = tikhonov(field, mask, vox, b0, lambda_=lam, regularization="identity", correct=False)
     factor = orientation_average(lambda d: d * d / (d * d + lam))
     assert contrast(raw) == pytest.approx(0.1 * factor, rel=0.03)
     fixed = tikhonov(field, mask, vox, b0, lambda_=lam, regularization="identity", correct=True)
@@ -190,7 +195,10 @@ def test_tikhonov_norms_match_image_space():
     exact = tikhonov_norms(power, d * d, 1.0, lambdas, n_bins=None)
     binned = tikhonov_norms(power, d * d, 1.0, lambdas)
     for i, lam in enumerate(lambdas):
-        sol = tikhonov(field, mask, vox, b0, lambda_=lam, regularization="identity", pad_factor=1.0)
+        sol = tikhonov(
+            field, mask, vox, b0, lambda_=lam, regularization="identity", correct=False,
+            pad_factor=1.0,
+        )  # fmt: skip
         misfit = forward_field(sol, vox, b0, pad_factor=1.0) - field
         assert exact[0][i] == pytest.approx(np.linalg.norm(misfit), rel=1e-3)
         assert exact[1][i] == pytest.approx(np.linalg.norm(sol), rel=1e-3)
@@ -239,17 +247,22 @@ def test_head_accuracy(head):
         return nrmse_demeaned(chi, truth, mask), dgm_linearity(chi, truth, seg)
 
     # measured (demeaned NRMSE %, |1 - DGM slope|) with noise 0.002 ppm:
-    # TKD 0.19 (54.2, 0.048); TSVD 0.1 (58.2, 0.059); Tikhonov gradient (44.6, 0.23);
+    # TKD 0.19 (54.2, 0.048); TSVD 0.1 (58.2, 0.059);
+    # Tikhonov gradient uncorrected (44.6, 0.23), corrected (default; 47.3, 0.072);
     # Tikhonov identity (47.9, 0.27), corrected (54.8, 0.075)
     ref, ref_dgm = scores(tkd(field, mask, VOX_2MM, b0, n_threads=2))
     assert ref < 57 and ref_dgm < 0.1
     err, dgm = scores(tsvd(field, mask, VOX_2MM, b0, n_threads=2))
     assert err < 61 and dgm < 0.1
-    err, dgm = scores(tikhonov(field, mask, VOX_2MM, b0, n_threads=2))
+    err, dgm = scores(tikhonov(field, mask, VOX_2MM, b0, correct=False, n_threads=2))
     assert err < 47 and err < ref - 7
-    # regularisation costs linearity: the gradient penalty's default trades it for error
+    # regularisation costs linearity, which the correction (default) restores
     assert 0.15 < dgm < 0.3
-    ident = tikhonov(field, mask, VOX_2MM, b0, regularization="identity", n_threads=2)
+    err, dgm = scores(tikhonov(field, mask, VOX_2MM, b0, n_threads=2))
+    assert err < ref - 5 and dgm < 0.1
+    ident = tikhonov(
+        field, mask, VOX_2MM, b0, regularization="identity", correct=False, n_threads=2
+    )
     err, dgm = scores(ident)
     assert err < 50 and dgm > 0.15
     fixed = tikhonov(field, mask, VOX_2MM, b0, regularization="identity", correct=True, n_threads=2)
@@ -272,7 +285,7 @@ def test_automatic_weights(head):
     assert 3e-3 < picks["inflection"] < 1.2e-2
     assert 1e-2 < picks["discrepancy"] < 3e-2
     auto = tikhonov(field, mask, VOX_2MM, b0, lambda_="inflection", n_threads=2)
-    assert nrmse_demeaned(auto, truth, mask) < 47  # measured 45.0
+    assert nrmse_demeaned(auto, truth, mask) < 50  # measured 47.8 (corrected)
     corner = tikhonov(field, mask, VOX_2MM, b0, lambda_="lcurve", n_threads=2)
     assert nrmse_demeaned(corner, truth, mask) > 55  # measured 59.2
 
@@ -328,6 +341,6 @@ def test_bad_parameters():
     with pytest.raises(ValueError):
         tikhonov(field, mask, (1, 1, 1), regularization="tv")
     with pytest.raises(ValueError):
-        tikhonov(field, mask, (1, 1, 1), correct=True)  # gradient penalty
+        tikhonov(field, mask, (1, 1, 1), correction_radius_mm=0.0)
     with pytest.raises(ValueError):
         tikhonov(field, mask, (1, 1, 1), lambda_="discrepancy")  # no noise level

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.fft
 
 from ..dipole import dipole_kernel
-from ..fft import crop_centered, pad_centered, padded_shape
+from ..fft import crop_centered, kspace_grid, pad_centered, padded_shape
 from ..regularization import (
     discrepancy_lambda,
     lcurve_corner,
@@ -133,6 +133,22 @@ def _psf_centre(transfer: np.ndarray, big: Sequence[int]) -> float:
     the mean of ``H`` over the full spectrum."""
     weights = _half_spectrum_multiplicity(big[2])
     return float((transfer.sum(axis=(0, 1), dtype=np.float64) * weights).sum()) / np.prod(big)
+
+
+def _ball_response(
+    transfer: np.ndarray, big: Sequence[int], voxel_size_mm: Sequence[float], radius_mm: float
+) -> float:
+    """Mean of a uniform ball of ``radius_mm`` after filtering with the real, even half-spectrum
+    ``transfer``, over its true mean: the ``|B(k)|^2``-weighted mean of ``transfer``, with
+    ``B(k) = 3 (sin x - x cos x) / x^3``, ``x = 2 pi |k| r`` the ball's spectrum (DC left out,
+    where ``D = 0``)."""
+    kx, ky, kz = kspace_grid(big, voxel_size_mm, real=True)
+    x = (2.0 * np.pi * radius_mm) * np.sqrt(kx * kx + ky * ky + kz * kz, dtype=np.float32)
+    x[0, 0, 0] = 1.0
+    ball = 3.0 * (np.sin(x) - x * np.cos(x)) / (x * x * x)
+    weight = ball * ball * _half_spectrum_multiplicity(big[2]).astype(np.float32)
+    weight[0, 0, 0] = 0.0
+    return float(np.sum(transfer * weight, dtype=np.float64) / np.sum(weight, dtype=np.float64))
 
 
 def _apply_inverse(
@@ -379,7 +395,8 @@ def tikhonov(
     lambda_: float | str | None = None,
     regularization: str = "gradient",
     noise_ppm: float | None = None,
-    correct: bool = False,
+    correct: bool = True,
+    correction_radius_mm: float = 3.0,
     pad_factor: float = 1.5,
     n_threads: int = 1,
 ) -> np.ndarray:
@@ -415,13 +432,21 @@ def tikhonov(
     noise_ppm : float, optional
         Field noise standard deviation (ppm) for ``lambda_="discrepancy"``.
     correct : bool
-        Identity penalty only: divide by the centre of the point spread function, the
-        k-space mean of ``D^2 / (D^2 + lambda_)``. The identity damps every frequency near
-        the cone by a factor that depends on orientation only, so extended structures are
-        scaled down by that mean (as in TKD; Schweser et al. 2013) and the correction restores
-        them (measured on the 2 mm head at the default weight: DGM slope error 0.27 -> 0.08,
-        demeaned NRMSE 48 -> 55 %). The gradient penalty's damping depends on ``|k|``, so
-        no single factor applies (ValueError).
+        Undo the underestimation that the damping near the cone causes (default True).
+        Identity penalty: divide by the centre of the point spread function, the k-space mean
+        of ``D^2 / (D^2 + lambda_)``; the identity damps every frequency near the cone by a
+        factor that depends on orientation only, so extended structures are scaled down by
+        that mean (as in TKD; Schweser et al. 2013). Measured on the 2 mm head at the default
+        weight: DGM slope error 0.27 -> 0.08, demeaned NRMSE 48 -> 55 %. Gradient penalty:
+        the damping grows with ``|k|``, so the PSF centre (a point source) over-corrects
+        extended structures (slope > 1); the map is divided instead by the response to a
+        uniform ball of radius ``correction_radius_mm`` (the ``|B(k)|^2``-weighted mean of
+        ``D^2 / (D^2 + lambda_ R)``), i.e. the Schweser correction for an object of that
+        size rather than for a point. Measured on the 2 mm head (SNR 100): DGM slope error
+        0.23 -> 0.07, demeaned NRMSE 40.5 -> 41.6 % (TKD 44.6 %).
+    correction_radius_mm : float
+        Radius (mm, > 0) of the ball whose mean the gradient correction restores; 3 mm, the
+        half-width of the smallest deep-grey nuclei (globus pallidus, red nucleus).
     pad_factor : float
         Padded length over original length per axis (>= 1).
     n_threads : int
@@ -457,8 +482,8 @@ def tikhonov(
     """
     field, roi = check_inversion_inputs(local_field_ppm, mask, voxel_size_mm, b0_dir)
     _check_regularization(regularization)
-    if correct and regularization != "identity":
-        raise ValueError("correct=True applies to the identity penalty only")
+    if not (np.isfinite(correction_radius_mm) and correction_radius_mm > 0):
+        raise ValueError(f"correction_radius_mm must be > 0 mm, got {correction_radius_mm!r}")
     if lambda_ is None:
         lambda_ = _default_lambda(regularization, voxel_size_mm)
     elif isinstance(lambda_, str):
@@ -483,7 +508,9 @@ def tikhonov(
     big = padded_shape(field.shape, pad_factor=pad_factor)
     kernel = dipole_kernel(big, voxel_size_mm, b0_dir, real=True)
     inv = tikhonov_filter(kernel, _penalty_symbol(regularization, big, voxel_size_mm), lambda_)
-    if correct:
+    if correct and regularization == "identity":
         inv /= np.float32(_psf_centre(kernel * inv, big))
+    elif correct:
+        inv /= np.float32(_ball_response(kernel * inv, big, voxel_size_mm, correction_radius_mm))
     del kernel
     return _apply_inverse(field, roi, inv, big, n_threads)
