@@ -321,3 +321,25 @@ def test_mapping_file_sets_labels(dicom_dir, tmp_path, capsys):
     assert code == 0
     assert "sub-07/ses-pre/anat/sub-07_ses-pre_acq-qsm_run-2_echo-1_part-mag_MEGRE.nii.gz" in out
     assert "T1w.nii" not in out and "skipped by the rule" in out
+
+
+def test_nipype_workflow_converts(dicom_dir, tmp_path):
+    from qsmflow.workflows import init_dicom_to_bids_wf
+
+    wf = init_dicom_to_bids_wf(participant_label="wf", n_procs=2)
+    wf.base_dir = str(tmp_path / "work")
+    wf.inputs.inputnode.dicom_dir = str(dicom_dir / "PHIMF")
+    wf.inputs.inputnode.bids_dir = str(tmp_path / "ds")
+    wf.run()
+    written = sorted((tmp_path / "ds" / "sub-wf" / "anat").glob("*.nii.gz"))
+    assert len(written) == 8
+    assert written[0].name == "sub-wf_echo-1_part-mag_MEGRE.nii.gz"
+    side = json.loads((tmp_path / "ds/sub-wf/anat/sub-wf_echo-2_part-phase_MEGRE.json").read_text())
+    assert side["Units"] == "rad" and side["EchoTime"] == pytest.approx(TES[1])
+
+
+def test_dcm2niix_command_line():
+    from qsmflow.interfaces import Dcm2niixVolume
+
+    cmd = Dcm2niixVolume(source_dir=".", out_filename="vol").cmdline
+    assert "dcm2niix" in cmd and " -p n " in cmd and " -g i " in cmd and " -m 1 " in cmd
