@@ -3,7 +3,8 @@
 Known answers: the k-space iteration equals a direct image-space implementation of the NDI
 update; on the noisy 2 mm simulated head NDI beats TKD with a deep-grey-matter slope near 1,
 gives the same error for an oblique B0, stays bounded and accurate when every source is three
-times stronger (calcification at -4.5 ppm), and its cone-energy rule stops early.
+times stronger (calcification at -4.5 ppm), and its cone-energy rule stops before noise builds
+streaks (three times as many iterations, or no support constraint, is worse).
 """
 
 from __future__ import annotations
@@ -52,26 +53,37 @@ def test_phase_scale():
             phase_scale_rad_per_ppm(b0, te)
 
 
-def test_iteration_matches_direct_update():
-    """Five iterations against x <- x - tau D[W^2 sin(D x - phi)] written out in image space."""
+@pytest.mark.parametrize("support", [False, True])
+def test_iteration_matches_direct_update(support):
+    """Five iterations against x <- P[x - tau (D[W^2 sin(D x - phi)] + alpha x)] written out in
+    image space (P: zero outside the mask when ``support``)."""
     rng = np.random.default_rng(0)
     shape, vox, b0 = (24, 20, 18), (1.0, 1.2, 1.5), (0.2, -0.1, 1.0)
-    mask = np.ones(shape, bool)
+    mask = rng.uniform(size=shape) < 0.7
+    mask[0, 0, 0] = mask[-1, -1, -1] = True  # the bounding box is the whole grid
     field = (0.05 * rng.standard_normal(shape)).astype(np.float32)
     mag = rng.uniform(0.3, 1.0, shape).astype(np.float32)
     scale = phase_scale_rad_per_ppm(3.0, 0.005)
-    chi = ndi(field, mask, vox, b0, magnitude=mag, stop="none", max_iter=5, margin_mm=0.0)
+    tau, alpha = 3.0, 1e-3
+    chi = ndi(
+        field, mask, vox, b0, magnitude=mag, stop="none", max_iter=5, margin_mm=0.0, tau=tau,
+        alpha=alpha, support=support,
+    )  # fmt: skip
 
     kernel = dipole_kernel(shape, vox, b0, real=True)
 
     def conv(v):
         return scipy.fft.irfftn(scipy.fft.rfftn(v) * kernel, s=shape)
 
-    w2 = np.minimum(mag / np.percentile(mag, 99.9), 1.0) ** 2
+    w2 = np.where(mask, np.minimum(mag / np.percentile(mag[mask], 99.9), 1.0) ** 2, 0)
+    phi = np.where(mask, scale * field, 0)
     x = np.zeros(shape)
     for _ in range(5):
-        x = x - 2.0 * conv(w2 * np.sin(conv(x) - scale * field))
-    np.testing.assert_allclose(chi, x / scale, atol=2e-4 * np.abs(x / scale).max())
+        x = x - tau * (conv(w2 * np.sin(conv(x) - phi)) + alpha * x)
+        if support:
+            x[~mask] = 0
+    expected = np.where(mask, x / scale, 0)
+    np.testing.assert_allclose(chi, expected, atol=2e-4 * np.abs(expected).max())
 
 
 def test_ndi_beats_tkd(case):
@@ -80,15 +92,28 @@ def test_ndi_beats_tkd(case):
     chi = case["ndi"]
     assert chi.dtype == np.float32 and chi.shape == sim.mask.shape
     assert not chi[~sim.mask].any() and np.all(np.isfinite(chi))
-    assert case["n_iter"] < 200  # the gradient-change rule stopped it (122 iterations)
+    assert 4 < case["n_iter"] < 100  # the cone rule stopped it (measured: 36 iterations)
     e_tkd = nrmse_demeaned(base, sim.chi_ppm, sim.mask)
     e_ndi = nrmse_demeaned(chi, sim.chi_ppm, sim.mask)
-    # measured: TKD 54.2 %, NDI 48.0 % (11 % lower; deep-grey slope 0.886). NDI has no
-    # regulariser but early stopping: at this noise level no iteration count gets below 47 %
-    # (noise-free it reaches 34 % after 400 iterations), so the 25 % margin the other methods
-    # are held to is out of its reach and not asserted.
-    assert e_ndi < 0.92 * e_tkd
-    assert dgm_linearity(chi, sim.chi_ppm, sim.segmentation) < 0.15
+    # measured at this noise (0.002 ppm, ~SNR 30; the SNR-100 acceptance is in
+    # test_inversion_acceptance.py): TKD 54.3 %, NDI 41.9 % (23 % lower; deep-grey slope
+    # error 0.142). Without the support constraint (the toolboxes' descent): 48 %.
+    assert e_ndi < 0.8 * e_tkd
+    assert dgm_linearity(chi, sim.chi_ppm, sim.segmentation) < 0.16
+
+
+def test_support_constraint_and_stopping_rules(case):
+    sim = case["sim"]
+    free = ndi(case["field"], sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, support=False)
+    longer = ndi(
+        case["field"], sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, stop="none",
+        max_iter=3 * case["n_iter"], n_threads=2,
+    )  # fmt: skip
+    e_ndi = nrmse_demeaned(case["ndi"], sim.chi_ppm, sim.mask)
+    # measured: cone rule 41.9 % after 36 iterations; unconstrained 47.3 %; 108 iterations
+    # (semi-convergence: noise builds streaks) 43.9 %
+    assert nrmse_demeaned(free, sim.chi_ppm, sim.mask) > e_ndi + 2
+    assert nrmse_demeaned(longer, sim.chi_ppm, sim.mask) > e_ndi + 1
 
 
 def test_oblique_b0_matches_axial(case):
@@ -99,7 +124,7 @@ def test_oblique_b0_matches_axial(case):
     chi = ndi(field, sim.mask, VOX, OBLIQUE_B0, magnitude=sim.magnitude, n_threads=2)
     e_axial = nrmse_demeaned(case["ndi"], sim.chi_ppm, sim.mask)
     e_oblique = nrmse_demeaned(chi, sim.chi_ppm, sim.mask)
-    # measured: 48.0 % axial, 47.6 % oblique (deep-grey slope 0.886 and 0.832)
+    # measured: 41.9 % axial, 41.8 % oblique (deep-grey slope error 0.142 and 0.155)
     assert abs(e_oblique - e_axial) < 5.0
 
 
@@ -114,7 +139,7 @@ def test_strong_susceptibility_stays_bounded(case):
     assert np.abs(chi).max() < np.abs(truth[sim.mask]).max()
     e3 = nrmse_demeaned(chi, truth, sim.mask)
     e_tkd = nrmse_demeaned(tkd(field, sim.mask, VOX, sim.b0_dir), truth, sim.mask)
-    # measured: 38.2 % (TKD 45.0 %), calcification moment error 5.1 (TKD 6.8) ppm x voxels;
+    # measured: 31.5 % (TKD 45.0 %), calcification moment error 3.3 (TKD 6.8) ppm x voxels;
     # the noise is relatively 3x lower, so no worse than at 1x
     assert e3 < nrmse_demeaned(case["ndi"], sim.chi_ppm, sim.mask)
     assert e3 < e_tkd
@@ -123,17 +148,6 @@ def test_strong_susceptibility_stays_bounded(case):
         tkd(field, sim.mask, VOX, sim.b0_dir), truth, sim.segmentation
     )
     assert moment < moment_tkd
-
-
-def test_cone_stopping_rule(case):
-    sim = case["sim"]
-    chi, n_iter = ndi(
-        case["field"], sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, stop="cone",
-        return_iterations=True, n_threads=2,
-    )  # fmt: skip
-    # measured: stops after 85 iterations at 47.3 %
-    assert 3 < n_iter < case["n_iter"]
-    assert nrmse_demeaned(chi, sim.chi_ppm, sim.mask) < 50.0
 
 
 @pytest.mark.parametrize(
