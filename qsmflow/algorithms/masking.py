@@ -1,13 +1,23 @@
-"""Threshold masks and morphology in millimetres.
+"""Threshold masks, phase-quality masks, two-pass artefact reduction and morphology in mm.
 
-``threshold_mask`` turns an intensity image (magnitude, R2*-free first echo, ...) into a mask:
-threshold (Otsu's method, a percentile or a fixed value), keep the largest connected component,
-fill enclosed holes and erode by a ball given in mm. Erosion and dilation use Euclidean distance
-transforms with the true voxel sizes, so a ball of radius ``r`` mm is exact for anisotropic
-voxels and the cost does not grow with the radius.
+``threshold_mask`` turns an intensity image (magnitude, phase-quality map, ...) into a mask:
+threshold (Otsu's method, Otsu's method on the voxels above Otsu's threshold, a percentile or a
+fixed value), keep the largest connected component, close gaps, fill enclosed holes and erode by
+a ball given in mm. Erosion and dilation use Euclidean distance transforms with the true voxel
+sizes, so a ball of radius ``r`` mm is exact for anisotropic voxels and the cost does not grow
+with the radius.
 
 Otsu's threshold maximises the between-class variance of the intensity histogram (Otsu, IEEE
 Trans Syst Man Cybern 1979;9:62-66).
+
+Phase-quality masks and the two-pass combination follow QSMxT (Stewart AW, Robinson SD,
+O'Brien K, et al. QSMxT: Robust masking and artifact reduction for quantitative susceptibility
+mapping. Magn Reson Med 2022;87:1289-1300): the ROMEO phase-quality map (Dymerska et al., MRM
+2021) is thresholded; the thresholded mask with its holes filled gives a first susceptibility
+map without holes, the unfilled ("reliable") mask gives a second map free of the streaking that
+unreliable voxels (veins, haemorrhage, calcifications, where the phase is noisy) spread through
+the inversion, and the final map takes the second map inside the reliable mask and the first map
+in the filled holes.
 """
 
 from __future__ import annotations
@@ -19,14 +29,23 @@ from scipy import ndimage
 
 __all__ = [
     "otsu_threshold",
+    "foreground_otsu_threshold",
+    "threshold_value",
     "threshold_mask",
+    "clean_mask",
     "fill_holes",
     "largest_component",
     "erode_mm",
     "dilate_mm",
+    "close_mm",
+    "check_head_image",
+    "phase_quality_map",
+    "phase_quality_mask",
+    "reliable_mask",
+    "two_pass_combine",
 ]
 
-_METHODS = ("otsu", "percentile", "fixed")
+_METHODS = ("otsu", "otsu-foreground", "percentile", "fixed")
 
 
 def otsu_threshold(values: np.ndarray, *, n_bins: int = 256) -> float:
@@ -58,6 +77,23 @@ def otsu_threshold(values: np.ndarray, *, n_bins: int = 256) -> float:
     best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
     k = best[best.size // 2]
     return float(edges[k + 1])
+
+
+def foreground_otsu_threshold(values: np.ndarray, *, n_bins: int = 256) -> float:
+    """Otsu's threshold of the values above Otsu's threshold (a two-step, three-class split).
+
+    The first Otsu threshold separates the background (air, bone: noise) from the head; the
+    second splits the head into its darker and brighter part. On a phase-quality map that is
+    the CSF and scalp around the brain (phase noisier near the skull, darker magnitude) versus
+    brain tissue; on a GRE magnitude, CSF and scalp versus brain tissue.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    first = otsu_threshold(v, n_bins=n_bins)
+    upper = v[v > first]
+    if upper.size == 0:
+        return first
+    return otsu_threshold(upper, n_bins=n_bins)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -117,6 +153,76 @@ def dilate_mm(mask: np.ndarray, radius_mm: float, voxel_size_mm: Sequence[float]
     return dist <= radius_mm * (1 + 1e-9)
 
 
+def close_mm(mask: np.ndarray, radius_mm: float, voxel_size_mm: Sequence[float]) -> np.ndarray:
+    """Morphological closing by a ball of ``radius_mm``: dilate, then erode.
+
+    Bridges gaps narrower than about ``2 * radius_mm`` (sulci, vessels cut out of a threshold
+    mask) without growing the outline; the array is padded so that the border does not erode.
+    """
+    m = np.asarray(mask, dtype=bool)
+    vox = _check_voxel_size(voxel_size_mm, m.ndim)
+    if radius_mm < 0:
+        raise ValueError(f"radius_mm must be >= 0, got {radius_mm}")
+    if radius_mm == 0 or not m.any():
+        return m.copy()
+    pad = [int(np.ceil(radius_mm / v)) + 1 for v in vox]
+    padded = np.pad(m, [(p, p) for p in pad])
+    closed = ~dilate_mm(~dilate_mm(padded, radius_mm, vox), radius_mm, vox)
+    return closed[tuple(slice(p, -p) for p in pad)]
+
+
+def threshold_value(
+    image: np.ndarray, *, method: str = "otsu", value: float | None = None
+) -> float:
+    """Threshold of the finite voxels of ``image`` by ``method`` (see :func:`threshold_mask`)."""
+    img = np.asarray(image)
+    finite = img[np.isfinite(img)]
+    if finite.size == 0:
+        raise ValueError("threshold: the image has no finite voxels")
+    if method in ("otsu", "otsu-foreground"):
+        if value is not None:
+            raise ValueError(f"method={method!r} takes no value")
+        pick = otsu_threshold if method == "otsu" else foreground_otsu_threshold
+        return pick(finite)
+    if method == "percentile":
+        if value is None or not 0.0 <= float(value) <= 100.0:
+            raise ValueError(f"method='percentile' needs a value in [0, 100], got {value}")
+        return float(np.percentile(finite, float(value)))
+    if method == "fixed":
+        if value is None:
+            raise ValueError("method='fixed' needs a threshold value")
+        return float(value)
+    raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+
+
+def clean_mask(
+    mask: np.ndarray,
+    *,
+    largest_component: bool = True,
+    close_mm: float = 0.0,
+    fill_holes: bool = True,
+    erode_mm: float = 0.0,
+    voxel_size_mm: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Largest component, closing by ``close_mm``, hole filling, erosion by ``erode_mm``."""
+    if erode_mm < 0:
+        raise ValueError(f"erode_mm must be >= 0, got {erode_mm}")
+    if close_mm < 0:
+        raise ValueError(f"close_mm must be >= 0, got {close_mm}")
+    m = np.asarray(mask, dtype=bool)
+    if erode_mm > 0 or close_mm > 0:
+        vox = _check_voxel_size(voxel_size_mm, m.ndim)
+    if largest_component:
+        m = _largest_component(m)
+    if close_mm > 0:
+        m = _close_mm(m, close_mm, vox)
+    if fill_holes:
+        m = _fill_holes(m)
+    if erode_mm > 0:
+        m = _erode_mm(m, erode_mm, vox)
+    return m
+
+
 def threshold_mask(
     image: np.ndarray,
     *,
@@ -126,18 +232,21 @@ def threshold_mask(
     voxel_size_mm: Sequence[float] | None = None,
     erode_mm: float = 0.0,
     largest_component: bool = True,
+    close_mm: float = 0.0,
 ) -> np.ndarray:
     """Mask of the voxels brighter than a threshold, cleaned up.
 
     Steps, in order: threshold (``image > threshold``), keep the largest 6-connected component,
-    fill enclosed holes, erode by a ball of ``erode_mm``.
+    close gaps by a ball of ``close_mm``, fill enclosed holes, erode by a ball of ``erode_mm``.
 
     Parameters
     ----------
     image : (x, y, z) array
         Intensity image; non-finite voxels are never in the mask.
-    method : {"otsu", "percentile", "fixed"}
+    method : {"otsu", "otsu-foreground", "percentile", "fixed"}
         ``"otsu"``: Otsu's threshold of the finite voxels (``value`` must be None);
+        ``"otsu-foreground"``: Otsu's threshold of the voxels above Otsu's threshold (see
+        :func:`foreground_otsu_threshold`; ``value`` must be None);
         ``"percentile"``: the ``value``-th percentile (0 to 100) of the finite voxels;
         ``"fixed"``: ``value`` itself, in image units.
     value : float, optional
@@ -150,6 +259,8 @@ def threshold_mask(
         Radius in mm of the ball the mask is eroded by (0: no erosion).
     largest_component : bool
         Keep only the largest connected component.
+    close_mm : float
+        Radius in mm of the ball of a morphological closing (0: none); needs ``voxel_size_mm``.
 
     Returns
     -------
@@ -158,38 +269,204 @@ def threshold_mask(
     img = np.asarray(image)
     if not np.issubdtype(img.dtype, np.floating):
         img = img.astype(np.float64)
+    threshold = threshold_value(img, method=method, value=value)
+    mask = np.isfinite(img) & (img > threshold)
+    return clean_mask(
+        mask,
+        largest_component=largest_component,
+        close_mm=close_mm,
+        fill_holes=fill_holes,
+        erode_mm=erode_mm,
+        voxel_size_mm=voxel_size_mm,
+    )
+
+
+def check_head_image(
+    image: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    name: str = "image",
+    min_volume_ml: float = 100.0,
+) -> None:
+    """Raise ``ValueError`` unless ``image`` is a 3-D image that shows a head.
+
+    Checks: 3-D shape, finite values, not all zero (or constant), and an object: after Otsu's
+    threshold and a one-voxel opening (which breaks up noise speckle), the largest connected
+    piece must be at least ``min_volume_ml`` millilitres. ``name`` (a file name or parameter)
+    starts every message.
+    """
+    img = np.asarray(image)
+    if img.ndim != 3:
+        raise ValueError(
+            f"{name}: expected a 3-D image, got shape {img.shape}; give one echo or one volume "
+            "(for 4-D multi-echo data use the first echo or an echo combination)"
+        )
+    vox = _check_voxel_size(voxel_size_mm, 3)
     finite = np.isfinite(img)
     if not finite.any():
-        raise ValueError("threshold_mask: the image has no finite voxels")
-    if method == "otsu":
-        if value is not None:
-            raise ValueError("method='otsu' takes no value")
-        threshold = otsu_threshold(img[finite])
-    elif method == "percentile":
-        if value is None or not 0.0 <= float(value) <= 100.0:
-            raise ValueError(f"method='percentile' needs a value in [0, 100], got {value}")
-        threshold = float(np.percentile(img[finite], float(value)))
-    elif method == "fixed":
-        if value is None:
-            raise ValueError("method='fixed' needs a threshold value")
-        threshold = float(value)
-    else:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if erode_mm < 0:
-        raise ValueError(f"erode_mm must be >= 0, got {erode_mm}")
-    if erode_mm > 0:
-        vox = _check_voxel_size(voxel_size_mm, img.ndim)
-    mask = finite & (img > threshold)
-    if largest_component:
-        mask = _largest_component(mask)
-    if fill_holes:
-        mask = _fill_holes(mask)
-    if erode_mm > 0:
-        mask = _erode_mm(mask, erode_mm, vox)
-    return mask
+        raise ValueError(f"{name}: the image has no finite voxels")
+    values = np.where(finite, img, 0).astype(np.float32, copy=False)
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        what = "all zero" if hi == 0 else f"constant ({hi})"
+        raise ValueError(
+            f"{name}: the image is {what}; expected a head image (magnitude or quality map) - "
+            "check that the right file was given and that it is not empty"
+        )
+    foreground = ndimage.binary_opening(values > otsu_threshold(values[finite]))
+    biggest = largest_component(foreground)
+    volume_ml = np.count_nonzero(biggest) * float(np.prod(vox)) / 1000.0
+    if volume_ml < min_volume_ml:
+        raise ValueError(
+            f"{name}: no head found (the largest bright object is {volume_ml:.0f} ml, expected "
+            f"at least {min_volume_ml:.0f} ml); is this a noise-only image or the wrong file?"
+        )
+
+
+def phase_quality_map(
+    phase_rad: np.ndarray,
+    *,
+    magnitude: np.ndarray | None = None,
+    echo_times_s: Sequence[float] | None = None,
+) -> np.ndarray:
+    """ROMEO phase-quality map (in [0, 1]) of single- or multi-echo GRE phase.
+
+    The quality of the first echo (:func:`qsmflow.algorithms.unwrap.romeo_quality_map`, after
+    Dymerska et al., MRM 2021): phase coherence with the neighbours, with the second echo's
+    phase-gradient coherence when there are two or more echoes, and the magnitude coherence and
+    weight when ``magnitude`` is given. High in tissue, low in noise (air, bone) and where the
+    phase is unreliable (veins, haemorrhage, strong field gradients near the skull).
+
+    Parameters
+    ----------
+    phase_rad : (x, y, z) or (x, y, z, echo) array
+        Wrapped phase in radians.
+    magnitude : array of the same shape, optional
+    echo_times_s : sequence of float, optional
+        Echo times in s; required with two or more echoes.
+    """
+    from .unwrap import romeo_quality_map
+
+    phase = np.asarray(phase_rad, dtype=np.float32)
+    if phase.ndim == 3:
+        phase = phase[..., None]
+    if phase.ndim != 4:
+        raise ValueError(f"phase_rad must be 3-D or 4-D (echoes last), got shape {phase.shape}")
+    mag = None
+    if magnitude is not None:
+        mag = np.asarray(magnitude, dtype=np.float32)
+        if mag.ndim == 3:
+            mag = mag[..., None]
+        if mag.shape[:3] != phase.shape[:3]:
+            raise ValueError(f"magnitude shape {mag.shape} differs from phase {phase.shape}")
+        mag = mag[..., 0]
+    second, ratio = None, None
+    if phase.shape[3] > 1:
+        if echo_times_s is None or len(echo_times_s) != phase.shape[3]:
+            raise ValueError(
+                f"echo_times_s must give one echo time (s) per echo ({phase.shape[3]}), got "
+                f"{echo_times_s}"
+            )
+        te = [float(t) for t in echo_times_s]
+        if te[0] <= 0 or te[1] <= te[0]:
+            raise ValueError(f"echo_times_s must be positive and increasing, got {te}")
+        second, ratio = phase[..., 1], te[1] / te[0]
+    return romeo_quality_map(phase[..., 0], magnitude=mag, second_echo_phase=second, te_ratio=ratio)
+
+
+def phase_quality_mask(
+    quality: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    magnitude: np.ndarray | None = None,
+    method: str = "otsu",
+    value: float | None = None,
+    magnitude_method: str = "otsu-foreground",
+    magnitude_value: float | None = None,
+    close_mm: float = 3.0,
+    fill_holes: bool = True,
+    erode_mm: float = 0.0,
+) -> np.ndarray:
+    """Brain mask from a phase-quality map (after QSMxT, Stewart et al., MRM 2022).
+
+    Voxels whose phase quality passes ``method``/``value`` (default Otsu: reliable phase versus
+    noise in air and bone) and, when ``magnitude`` is given, whose magnitude passes
+    ``magnitude_method``/``magnitude_value`` (default "otsu-foreground": brain tissue versus the
+    darker CSF and scalp, whose phase is as smooth as the brain's); then the largest component,
+    a closing by ``close_mm`` (sulci), hole filling (ventricles, veins, deep grey matter with
+    short T2*) and erosion by ``erode_mm``. Methods and values as in :func:`threshold_mask`.
+    Unlike BET it follows the cortex instead of a smooth surface.
+    """
+    q = np.asarray(quality)
+    if q.ndim != 3:
+        raise ValueError(f"quality must be a 3-D map, got shape {q.shape}")
+    raw = np.isfinite(q) & (q > threshold_value(q, method=method, value=value))
+    if magnitude is not None:
+        mag = np.asarray(magnitude)
+        if mag.shape != q.shape:
+            raise ValueError(f"magnitude shape {mag.shape} differs from quality {q.shape}")
+        level = threshold_value(mag, method=magnitude_method, value=magnitude_value)
+        raw &= np.isfinite(mag) & (mag > level)
+    return clean_mask(
+        raw,
+        close_mm=close_mm,
+        fill_holes=fill_holes,
+        erode_mm=erode_mm,
+        voxel_size_mm=voxel_size_mm,
+    )
+
+
+def reliable_mask(
+    quality: np.ndarray,
+    mask: np.ndarray,
+    *,
+    method: str = "otsu-foreground",
+    value: float | None = None,
+) -> np.ndarray:
+    """The voxels of ``mask`` whose phase quality passes the threshold: no hole filling.
+
+    This is the second-pass mask of QSMxT's two-pass reconstruction (Stewart et al., MRM 2022):
+    the same threshold as the brain mask, without filling, so veins, haemorrhages and other
+    voxels with unreliable phase stay out of the inversion. ``method``/``value`` as in
+    :func:`threshold_mask`, computed over the whole map (use the values that made ``mask``).
+    """
+    q = np.asarray(quality)
+    m = np.asarray(mask, dtype=bool)
+    if q.shape != m.shape:
+        raise ValueError(f"quality shape {q.shape} differs from mask shape {m.shape}")
+    if not m.any():
+        raise ValueError("mask is empty")
+    keep = threshold_mask(q, method=method, value=value, fill_holes=False, largest_component=False)
+    return keep & m
+
+
+def two_pass_combine(
+    chi_filled: np.ndarray,
+    chi_reliable: np.ndarray,
+    filled_mask: np.ndarray,
+    reliable: np.ndarray,
+) -> np.ndarray:
+    """Combine the two QSMxT passes (Stewart et al., MRM 2022): ppm in, ppm out.
+
+    ``chi_reliable`` (the inversion on the reliable mask) inside ``reliable``; ``chi_filled``
+    (the inversion on the hole-filled mask) in the rest of ``filled_mask`` (the filled holes:
+    veins, haemorrhage); zero outside ``filled_mask``. ``reliable`` must lie inside
+    ``filled_mask``.
+    """
+    a = np.asarray(chi_filled, dtype=np.float32)
+    b = np.asarray(chi_reliable, dtype=np.float32)
+    fm = np.asarray(filled_mask, dtype=bool)
+    rm = np.asarray(reliable, dtype=bool)
+    for label, arr in (("chi_reliable", b), ("filled_mask", fm), ("reliable", rm)):
+        if arr.shape != a.shape:
+            raise ValueError(f"{label} shape {arr.shape} differs from chi_filled {a.shape}")
+    if np.any(rm & ~fm):
+        raise ValueError("the reliable mask must lie inside the filled mask")
+    return np.where(rm, b, np.where(fm, a, np.float32(0))).astype(np.float32)
 
 
 # aliases: threshold_mask's keyword arguments shadow the public names inside its body
 _fill_holes = fill_holes
 _largest_component = largest_component
 _erode_mm = erode_mm
+_close_mm = close_mm
