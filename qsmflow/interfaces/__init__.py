@@ -5,7 +5,7 @@ from .bids import DerivativesDataSink
 from .dicom import ConvertDicom, Dcm2niixVolume, SortDicom
 from .echo_average import AverageEchoes, EchoFields
 from .inversion import DipoleInversion, ReferenceSusceptibility
-from .masking import BrainMask
+from .masking import BrainMask, TwoPassCombine
 from .phase import CoilCombination, EchoCombination, PhaseUnwrap
 from .reports import QCReport
 
@@ -24,4 +24,5 @@ __all__ = [
     "QCReport",
     "ReferenceSusceptibility",
     "SortDicom",
+    "TwoPassCombine",
 ]
