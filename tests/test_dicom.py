@@ -343,3 +343,29 @@ def test_dcm2niix_command_line():
 
     cmd = Dcm2niixVolume(source_dir=".", out_filename="vol").cmdline
     assert "dcm2niix" in cmd and " -p n " in cmd and " -g i " in cmd and " -m 1 " in cmd
+
+
+def test_siemens_norm_copies_and_per_slice_times(sims, tmp_path, capsys):
+    """A NORM copy of the magnitude series is not used; 2-D timing (one time per slice) pairs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src = tmp_path / "dicom"
+    files = write_simulated_dicom(sims["ori1"], src, DicomFlavour("siemens"), patient_id="N")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        slice_no = int(round(float(ds.SliceLocation) / VOXEL[2]))
+        ds.AcquisitionTime = f"1200{10 + slice_no:02d}.000000"  # interleaved 2-D timing
+        ds.save_as(path)
+        if "M" in ds.ImageType:
+            ds.ImageType = [*ds.ImageType, "NORM"]
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[ds.SeriesInstanceUID, "norm"])
+            ds.SeriesNumber = 9
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[ds.SOPInstanceUID, "norm"])
+            ds.save_as(path.with_name("norm_" + path.name))
+    bids = tmp_path / "ds"
+    assert dicom2bids([str(src), str(bids), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "series 9" in out and "without NORM" in out
+    assert len(list((bids / "sub-N/anat").glob("*_part-phase_MEGRE.nii.gz"))) == len(TES)
+    assert not list((bids / "sub-N/anat").glob("*run-*"))

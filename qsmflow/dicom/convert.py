@@ -87,6 +87,7 @@ class Plan:
             lines.append(f"not converted: {acq.description}: {why}")
         root = Path(bids_dir) if bids_dir is not None else None
         for plan in self.planned:
+            lines += [f"note: {n}" for n in plan.acquisition.notes]
             lines.append(f"{plan.acquisition.description} ->")
             for out in plan.outputs:
                 exists = root is not None and (root / out.path).exists()
@@ -393,6 +394,7 @@ def _convert_acquisition(
         extra: dict[str, Any] = {}
         if coils != [None]:
             extra["ReceiveCoilActiveElements"] = ",".join(str(c) for c in coils)
+            extra["CoilCombinationMethod"] = "none: one channel per volume along the 4th axis"
         if from_complex:
             signal = load("real", out.echo) + 1j * load("imag", out.echo)
             data = np.abs(signal) if out.part == "mag" else np.angle(signal)

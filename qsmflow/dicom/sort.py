@@ -116,6 +116,7 @@ class Image:
     position: tuple[float, float, float]
     orientation: tuple[float, ...]
     rescale: tuple[float, float]
+    acquisition_time: str = ""
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Acquisition:
     volumes: list[Volume]
     n_slices: int
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def info(self) -> SeriesInfo:
@@ -285,7 +287,7 @@ def _series_info(ds, path: Path, multiframe: bool) -> SeriesInfo:
     spacing = ds.get("PixelSpacing")
     if spacing is None and multiframe:
         spacing = _shared(ds, "PixelMeasuresSequence", "PixelSpacing")
-    acq_time = _text(ds.get("AcquisitionTime")) or _text(ds.get("AcquisitionDateTime"))[8:]
+    acq_time = _acquisition_time(ds)
     b0 = _float(ds.get("MagneticFieldStrength"))
     return SeriesInfo(
         series_uid=_text(ds.get("SeriesInstanceUID")),
@@ -306,6 +308,12 @@ def _series_info(ds, path: Path, multiframe: bool) -> SeriesInfo:
         pixel_spacing=tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
     )
+
+
+def _acquisition_time(ds) -> str:
+    """HHMMSS of the acquisition (AcquisitionTime, else the time of AcquisitionDateTime)."""
+    text = _text(ds.get("AcquisitionTime")) or _text(ds.get("AcquisitionDateTime"))[8:]
+    return text.split(".")[0].replace(":", "")
 
 
 def _shared(ds, seq: str, key: str, frame=None) -> Any:
@@ -393,9 +401,11 @@ def _read_images(path: Path, known: set[str]) -> tuple[SeriesInfo | None, list[I
                     _float(ds.get("RescaleSlope")) or 1.0,
                     _float(ds.get("RescaleIntercept")) or 0.0,
                 ),
+                acquisition_time=_acquisition_time(ds),
             )
         )
         return info, images
+    when = _acquisition_time(ds)
     frames = ds.get("PerFrameFunctionalGroupsSequence") or []
     n_frames = int(_float(ds.get("NumberOfFrames")) or 1)
     for f in range(n_frames):
@@ -418,6 +428,7 @@ def _read_images(path: Path, known: set[str]) -> tuple[SeriesInfo | None, list[I
                 position=pos if pos is not None else (0.0, 0.0, float(f)),
                 orientation=orient or (1.0, 0, 0, 0, 1.0, 0),
                 rescale=(_float(slope) or 1.0, _float(inter) or 0.0),
+                acquisition_time=when,
             )
         )
     return info, images
@@ -505,22 +516,52 @@ def _protocol_key(info: SeriesInfo) -> str:
     return re.sub(r"(_PHA|_PH|_PHASE|_MAG|_M)$", "", info.description, flags=re.IGNORECASE)
 
 
-def _acquisition_key(info: SeriesInfo, image: Image) -> tuple:
+def _image_flavour(info: SeriesInfo) -> tuple[str, ...]:
+    """ImageType without the part values and NORM: what must agree for series of one scan.
+
+    Siemens' magnitude (``M``) and phase (``P``) series of a scan then match, while its
+    distortion-corrected (``DIS2D``) or derived series stay apart. NORM is left out because
+    Siemens normalises only the magnitude.
+    """
+    skip = set(_PART_TOKENS) | {"NORM", "MIXED", "NONE", ""}
+    return tuple(t.upper() for t in info.image_type[2:] if t.upper() not in skip)
+
+
+def _acquisition_key(info: SeriesInfo, image: Image, start: str) -> tuple:
     orient = tuple(round(v, 3) for v in image.orientation)
-    when = info.acquisition_time.split(".")[0]
     # without an acquisition time, series cannot be matched safely: keep each apart
-    anchor = when if when else info.series_uid
+    anchor = start if start else info.series_uid
     return (
         info.patient_id,
         info.study_uid,
         _protocol_key(info),
         anchor,
         info.derived,
+        _image_flavour(info),
         orient,
         info.rows,
         info.columns,
         tuple(round(v, 4) for v in info.pixel_spacing),
     )
+
+
+def _drop_normalised_duplicates(images: list[Image], series: dict[str, SeriesInfo]):
+    """Keep one series per part when Siemens wrote it both with and without NORM."""
+    by_part: dict[str, set[str]] = {}
+    for im in images:
+        by_part.setdefault(im.part, set()).add(im.series_uid)
+    dropped = set()
+    for uids in by_part.values():
+        norm = {u for u in uids if "NORM" in (t.upper() for t in series[u].image_type)}
+        if norm and norm != uids:
+            dropped |= norm
+    kept = [im for im in images if im.series_uid not in dropped]
+    notes = [
+        f"series {series[u].series_number} ({series[u].description}) not used: the same images "
+        "without NORM are used instead"
+        for u in sorted(dropped)
+    ]
+    return kept, notes
 
 
 def find_acquisitions(scan: DicomScan) -> list[Acquisition]:
@@ -531,16 +572,25 @@ def find_acquisitions(scan: DicomScan) -> list[Acquisition]:
     phase (or real and imaginary) have the same echoes, and no image is duplicated. Problems
     are listed in :attr:`Acquisition.problems`; such acquisitions must not be converted.
     """
+    start: dict[str, str] = {}
+    for im in scan.images:
+        if im.acquisition_time:
+            old = start.get(im.series_uid)
+            start[im.series_uid] = min(old, im.acquisition_time) if old else im.acquisition_time
     groups: dict[tuple, list[Image]] = {}
     for im in scan.images:
-        groups.setdefault(_acquisition_key(scan.series[im.series_uid], im), []).append(im)
+        key = _acquisition_key(scan.series[im.series_uid], im, start.get(im.series_uid, ""))
+        groups.setdefault(key, []).append(im)
     acquisitions = []
     for images in groups.values():
+        images, notes = _drop_normalised_duplicates(images, scan.series)
         series_uids = sorted({im.series_uid for im in images})
         series = sorted(
             (scan.series[u] for u in series_uids), key=lambda s: (s.series_number, s.series_uid)
         )
-        acquisitions.append(_build_acquisition(series, images))
+        acq = _build_acquisition(series, images)
+        acq.notes = notes
+        acquisitions.append(acq)
     acquisitions.sort(
         key=lambda a: (
             a.info.patient_id,

@@ -194,6 +194,9 @@ def write_simulated_dicom(
         ds.Manufacturer = manufacturer
         ds.ManufacturerModelName = model
         ds.InstitutionName = "qsmflow synthetic"
+        ds.InstitutionAddress = "n/a"
+        ds.DeviceSerialNumber = "0"
+        ds.ReceiveCoilName = "Head_32" if flavour.vendor != "ge" else "32Ch Head"
         ds.StationName = "SIM"
         ds.SoftwareVersions = "qsmflow"
         ds.PatientName = f"Synthetic^{patient_id}"
