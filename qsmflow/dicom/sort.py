@@ -216,12 +216,19 @@ def _float(value: Any) -> float | None:
 
 
 def _private(ds, group: int, creator: str, element: int) -> Any:
-    """Value of a private element, or None (missing creator or element)."""
-    try:
-        block = ds.private_block(group, creator)
-        return block[element].value
-    except (KeyError, ValueError):
-        return None
+    """Value of a private element, or None (missing creator or element).
+
+    Looks the creator up slot by slot (plain tag lookups): pydicom's ``private_block`` slices
+    the dataset, which made it a fifth of the header-reading time.
+    """
+    for slot in range(0x10, 0x100):
+        tag = (group << 16) | slot
+        if tag not in ds:
+            continue
+        if _text(ds[tag].value) == creator:
+            item = (group << 16) | (slot << 8) | element
+            return ds[item].value if item in ds else None
+    return None
 
 
 def _ge_image_type(ds) -> str | None:
