@@ -1,16 +1,27 @@
 """Threshold masks (Otsu, percentile, fixed), hole filling, largest component, mm morphology."""
 
+import json
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from qsmflow.algorithms.masking import (
+    check_head_image,
+    close_mm,
     dilate_mm,
     erode_mm,
     fill_holes,
+    foreground_otsu_threshold,
     largest_component,
     otsu_threshold,
+    phase_quality_map,
+    phase_quality_mask,
+    reliable_mask,
     threshold_mask,
+    two_pass_combine,
 )
 
 
@@ -185,3 +196,369 @@ def test_morphology_edge_cases():
         erode_mm(mask, 1.0, (1, 1))
     with pytest.raises(ValueError):
         dilate_mm(mask, -1.0, (1, 1, 1))
+
+
+# ------------------------------------------------------------- foreground Otsu and closing
+def test_foreground_otsu_splits_the_upper_two_of_three_levels():
+    rng = np.random.default_rng(10)
+    levels = np.repeat([0.0, 0.5, 1.0], [50_000, 20_000, 30_000])
+    values = levels + rng.normal(0, 0.05, levels.size)
+    first = otsu_threshold(values)
+    second = foreground_otsu_threshold(values)
+    assert 0.05 < first < 0.45
+    assert 0.6 < second < 0.9
+    assert np.mean((values > second) != (levels == 1.0)) < 0.01
+
+
+def test_close_mm_bridges_a_narrow_gap_and_keeps_a_ball():
+    vox = (1.0, 1.0, 2.0)
+    r = _distance((50, 50, 26), vox, (25.2, 24.8, 25.6))
+    ball = r < 18
+    np.testing.assert_array_equal(close_mm(ball, 3.0, vox), ball)  # a convex set is closed
+    cut = ball.copy()
+    cut[:, 24:26, :] = False  # a 2 mm slit through the ball
+    closed = close_mm(cut, 3.0, vox)
+    assert np.all(closed[ball & (r < 16)])
+    assert not np.any(closed & ~ball)
+    with pytest.raises(ValueError):
+        close_mm(ball, -1.0, vox)
+
+
+def test_threshold_mask_otsu_foreground_with_closing():
+    r = _distance((60, 60, 60), (1, 1, 1), (30, 30, 30))
+    image = np.where(r < 20, 1.0, np.where(r < 24, 0.55, np.where(r < 28, 0.05, 0.0)))
+    image = image + np.random.default_rng(11).normal(0, 0.03, image.shape)
+    image[29:31, :, 40:] = 0.55  # a 'sulcus' of CSF cut into the top of the 'brain'
+    mask = threshold_mask(image, method="otsu-foreground", voxel_size_mm=(1, 1, 1), close_mm=3.0)
+    brain = r < 20
+    assert 2 * np.count_nonzero(mask & brain) / (mask.sum() + brain.sum()) > 0.98
+    assert np.all(mask[29:31, 30, 40:48])  # the sulcus is bridged
+
+
+# ------------------------------------------------------------------------- head checks
+def test_check_head_image_errors():
+    vox = (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="3-D"):
+        check_head_image(np.ones((8, 8, 8, 2)), vox, name="mag.nii.gz")
+    with pytest.raises(ValueError, match="mag.nii.gz: the image is all zero"):
+        check_head_image(np.zeros((20, 20, 20)), vox, name="mag.nii.gz")
+    noise = np.abs(np.random.default_rng(12).normal(size=(60, 60, 60)))
+    with pytest.raises(ValueError, match="no head found"):
+        check_head_image(noise, vox)
+
+
+def test_check_head_image_accepts_the_simulated_head(sim_2mm):
+    check_head_image(sim_2mm.magnitude[..., 0], (2.0, 2.0, 2.0))
+
+
+# ----------------------------------------------------------------- phase-quality masks
+@pytest.fixture(scope="module")
+def quality(sim_2mm):
+    return phase_quality_map(
+        sim_2mm.phase, magnitude=sim_2mm.magnitude, echo_times_s=sim_2mm.params.echo_times_s
+    )
+
+
+def test_phase_quality_map_is_high_in_brain_low_in_air(sim_2mm, quality):
+    seg = sim_2mm.segmentation
+    assert quality.shape == sim_2mm.mask.shape and quality.dtype == np.float32
+    assert np.median(quality[np.isin(seg, (8, 9))]) > 0.8
+    assert np.median(quality[seg == 14]) < 0.2  # air
+    with pytest.raises(ValueError, match="echo_times_s"):
+        phase_quality_map(sim_2mm.phase)
+
+
+def test_phase_quality_mask_matches_the_brain(sim_2mm, quality):
+    mask = phase_quality_mask(quality, (2.0, 2.0, 2.0), magnitude=sim_2mm.magnitude[..., 0])
+    truth = sim_2mm.mask
+    assert 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum()) > 0.95  # ~0.99
+    # deep grey matter (labels 1-7) lies inside the mask, and the mask has no cavities
+    dgm = np.isin(sim_2mm.segmentation, (1, 2, 3, 4, 5, 6, 7))
+    depth = ndimage.distance_transform_edt(truth, sampling=(2.0, 2.0, 2.0))
+    assert np.all(mask[dgm & (depth > 4.0)])
+    assert np.count_nonzero(dgm & ~mask) < 0.002 * np.count_nonzero(dgm)
+    np.testing.assert_array_equal(fill_holes(mask), mask)
+
+
+def test_reliable_mask_leaves_out_veins(sim_2mm, quality):
+    mask = phase_quality_mask(quality, (2.0, 2.0, 2.0), magnitude=sim_2mm.magnitude[..., 0])
+    reliable = reliable_mask(quality, mask)
+    assert not np.any(reliable & ~mask)
+    assert 0.8 < reliable.sum() / mask.sum() < 0.99
+    seg = sim_2mm.segmentation
+    blood = (seg == 11) & mask
+    tissue = np.isin(seg, (8, 9)) & mask
+    # veins (short T2*, fast phase) are left out far more often than tissue
+    assert np.mean(~reliable[blood]) > 2 * np.mean(~reliable[tissue])  # 0.14 vs 0.05
+    with pytest.raises(ValueError, match="shape"):
+        reliable_mask(quality, mask[:-1])
+
+
+# ------------------------------------------------------------------------------ two pass
+def test_two_pass_combine_rule():
+    rng = np.random.default_rng(13)
+    a = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    b = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    filled = np.zeros((6, 7, 8), bool)
+    filled[1:5, 1:6, 1:7] = True
+    reliable = filled.copy()
+    reliable[2:4, 2:4, 2:4] = False  # a 'vein' inside the brain
+    out = two_pass_combine(a, b, filled, reliable)
+    np.testing.assert_array_equal(out[reliable], b[reliable])
+    np.testing.assert_array_equal(out[filled & ~reliable], a[filled & ~reliable])
+    assert np.all(out[~filled] == 0)
+    with pytest.raises(ValueError, match="inside the filled mask"):
+        two_pass_combine(a, b, reliable, filled)
+    with pytest.raises(ValueError, match="shape"):
+        two_pass_combine(a, b[:-1], filled, reliable)
+
+
+def test_two_pass_reduces_streaking_from_unreliable_voxels(sim_2mm, quality):
+    """Noisy field in the unreliable voxels streaks through a filled-mask inversion only."""
+    from qsmflow.algorithms.inversion import tkd
+
+    vox = (2.0, 2.0, 2.0)
+    mask = phase_quality_mask(quality, vox, magnitude=sim_2mm.magnitude[..., 0])
+    reliable = reliable_mask(quality, mask)
+    bad = mask & ~reliable
+    field = np.where(mask, sim_2mm.local_field_ppm, 0).astype(np.float32)
+    rng = np.random.default_rng(14)
+    corrupted = field.copy()
+    corrupted[bad] += rng.normal(0, 0.3, np.count_nonzero(bad)).astype(np.float32)
+    b0 = sim_2mm.b0_dir
+    chi_filled = tkd(corrupted * mask, mask, vox, b0)
+    chi_reliable = tkd(corrupted * reliable, reliable, vox, b0)
+    chi = two_pass_combine(chi_filled, chi_reliable, mask, reliable)
+    truth = np.where(mask, sim_2mm.chi_ppm - sim_2mm.chi_ppm[mask].mean(), 0)
+    sel = reliable & (ndimage.distance_transform_edt(~bad, sampling=vox) > 4.0)
+
+    def rmse(x):
+        return float(np.sqrt(np.mean((x - x[sel].mean() - truth + truth[sel].mean())[sel] ** 2)))
+
+    assert rmse(chi) < 0.8 * rmse(chi_filled)
+
+
+# ------------------------------------------------------------------- BrainMask interface
+def _dice_file(path, truth):
+    mask = nib.load(path).get_fdata() > 0.5
+    return 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum())
+
+
+@pytest.fixture
+def no_fsl(monkeypatch, tmp_path):
+    """PATH without any ``bet`` and no FSLDIR."""
+    import os
+    import shutil
+
+    monkeypatch.delenv("FSLDIR", raising=False)
+    keep = [
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if not (Path(p) / "bet").exists()
+    ]
+    monkeypatch.setenv("PATH", os.pathsep.join(keep))
+    assert shutil.which("bet") is None
+
+
+def test_brain_mask_bet_falls_back_to_builtin_and_says_so(
+    interface_data, tmp_path, no_fsl, monkeypatch
+):
+    from qsmflow.interfaces import masking as iface
+
+    messages = []
+    monkeypatch.setattr(iface.IFLOGGER, "warning", lambda msg, *a: messages.append(msg % a))
+    res = iface.BrainMask(in_magnitude=interface_data["mag"], method="bet", frac=0.7).run(
+        cwd=str(tmp_path)
+    )
+    assert res.outputs.method_used == "bet"
+    assert any("built-in BET" in m for m in messages)
+    side = json.loads(Path(res.outputs.out_sidecar).read_text())
+    assert side["MethodUsed"] == "bet" and side["MethodRequested"] == "bet"
+    assert side["Parameters"]["frac"] == 0.7
+    assert _dice_file(res.outputs.out_mask, interface_data["sim"].mask) > 0.9
+    brain = nib.load(res.outputs.out_brain).get_fdata()
+    mask = nib.load(res.outputs.out_mask).get_fdata() > 0.5
+    assert np.all(brain[~mask] == 0) and np.all(brain[mask] >= 0) and brain.max() > 0
+
+
+def test_brain_mask_fsl_bet_without_fsl_is_an_error(interface_data, tmp_path, no_fsl):
+    from qsmflow.interfaces import BrainMask
+
+    with pytest.raises(RuntimeError, match="needs FSL's bet"):
+        BrainMask(in_file=interface_data["mag"], method="fsl-bet").run(cwd=str(tmp_path))
+
+
+def test_fsl_bet_command_line(tmp_path):
+    from qsmflow.interfaces.masking import fsl_bet_interface
+
+    src = tmp_path / "mag.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), src)
+    iface = fsl_bet_interface(
+        str(src),
+        str(tmp_path / "mag_brain.nii.gz"),
+        frac=0.7,
+        vertical_gradient=0.1,
+        radius_mm=80.4,
+        center_vox=[40.2, 50, 30],
+        robust=True,
+    )
+    args = iface.cmdline.split()
+    assert args[0] == "bet"  # nipype gives the input relative to the working directory
+    assert Path(args[1]).resolve() == src.resolve()
+    assert args[2] == str(tmp_path / "mag_brain.nii.gz")
+    joined = " ".join(args[3:])
+    for part in ("-f 0.70", "-g 0.10", "-m", "-r 80", "-c 40 50 30", "-R"):
+        assert part in joined
+    plain = fsl_bet_interface(str(src), str(tmp_path / "b.nii.gz")).cmdline.split()
+    assert plain[3:] == ["-f", "0.50", "-m"]
+
+
+_FAKE_BET = """#!{python}
+import sys
+import nibabel as nib
+import numpy as np
+src, out = sys.argv[1], sys.argv[2]
+frac = float(sys.argv[sys.argv.index("-f") + 1])
+img = nib.load(src)
+data = img.get_fdata()
+mask = data > frac * np.percentile(data, 99)
+stem = out[: -len(".nii.gz")]
+nib.save(nib.Nifti1Image(data * mask, img.affine), out)
+nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), stem + "_mask.nii.gz")
+"""
+
+
+def test_brain_mask_bet_runs_fsl_when_bet_is_on_path(interface_data, tmp_path, monkeypatch):
+    """A stand-in ``bet`` on PATH: BrainMask must call it (FSL's interface) and use its mask."""
+    import os
+    import sys
+
+    from qsmflow.interfaces import BrainMask
+
+    bindir = tmp_path / "fslbin"
+    bindir.mkdir()
+    fake = bindir / "bet"
+    fake.write_text(_FAKE_BET.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    work = tmp_path / "work"
+    work.mkdir()
+    res = BrainMask(in_file=interface_data["mag"], method="bet", frac=0.3).run(cwd=str(work))
+    assert res.outputs.method_used == "fsl-bet"
+    side = json.loads(Path(res.outputs.out_sidecar).read_text())
+    assert side["MethodUsed"] == "fsl-bet" and side["Command"].split()[0] == "bet"
+    assert "-f 0.30" in side["Command"]
+    first = interface_data["sim"].magnitude[..., 0]
+    expected = first > 0.3 * np.percentile(first, 99)
+    got = nib.load(res.outputs.out_mask).get_fdata() > 0.5
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.skipif(__import__("shutil").which("bet") is None, reason="FSL's bet is not installed")
+def test_brain_mask_with_real_fsl_bet(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    res = BrainMask(in_file=interface_data["mag"], method="fsl-bet").run(cwd=str(tmp_path))
+    assert res.outputs.method_used == "fsl-bet"
+    assert _dice_file(res.outputs.out_mask, interface_data["sim"].mask) > 0.85
+
+
+def test_brain_mask_phase_quality(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    res = BrainMask(
+        in_file=interface_data["mag"],
+        in_phase=interface_data["phase"],
+        echo_times=[0.005, 0.010, 0.015, 0.020],
+        method="phase-quality",
+    ).run(cwd=str(tmp_path))
+    sim = interface_data["sim"]
+    assert res.outputs.method_used == "phase-quality"
+    assert _dice_file(res.outputs.out_mask, sim.mask) > 0.95
+    reliable = nib.load(res.outputs.out_reliable_mask).get_fdata() > 0.5
+    mask = nib.load(res.outputs.out_mask).get_fdata() > 0.5
+    assert not np.any(reliable & ~mask) and reliable.sum() > 0.7 * mask.sum()
+    q = nib.load(res.outputs.out_quality).get_fdata()
+    assert q.min() >= 0 and q.max() <= 1
+    side = json.loads(Path(res.outputs.out_sidecar).read_text())
+    assert side["Parameters"]["threshold_method"] == "otsu"
+
+
+def test_brain_mask_magnitude_threshold_and_legacy_threshold(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    sim = interface_data["sim"]
+    new = BrainMask(in_file=interface_data["mag"], method="magnitude-threshold").run(
+        cwd=str(tmp_path)
+    )
+    assert _dice_file(new.outputs.out_mask, sim.mask) > 0.95
+    old = BrainMask(in_magnitude=interface_data["mag"], method="threshold").run(cwd=str(tmp_path))
+    assert old.outputs.method_used == "magnitude-threshold"
+    assert (
+        json.loads(Path(old.outputs.out_sidecar).read_text())["Parameters"]["threshold_method"]
+        == "otsu"
+    )
+
+
+def test_brain_mask_bad_input(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    affine = interface_data["sim"].affine
+    zero = tmp_path / "zero.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((30, 30, 30), np.float32), affine), zero)
+    with pytest.raises(ValueError, match="zero.nii.gz: the image is all zero"):
+        BrainMask(in_file=str(zero), method="bet").run(cwd=str(tmp_path))
+    noise = tmp_path / "noise.nii.gz"
+    rng = np.random.default_rng(15)
+    nib.save(
+        nib.Nifti1Image(np.abs(rng.normal(size=(40, 40, 40))).astype(np.float32), affine), noise
+    )
+    with pytest.raises(ValueError, match="noise.nii.gz: no head found"):
+        BrainMask(in_file=str(noise), method="magnitude-threshold").run(cwd=str(tmp_path))
+    five_d = tmp_path / "five.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5, 2, 2), np.float32), affine), five_d)
+    with pytest.raises(ValueError, match="five.nii.gz: expected a 3-D image or a 4-D"):
+        BrainMask(in_file=str(five_d)).run(cwd=str(tmp_path))
+    with pytest.raises(ValueError, match="needs in_phase"):
+        BrainMask(in_file=interface_data["mag"], method="phase-quality").run(cwd=str(tmp_path))
+    degrees = tmp_path / "deg.nii.gz"
+    nib.save(
+        nib.Nifti1Image(np.full(interface_data["sim"].mask.shape, 90.0, np.float32), affine),
+        degrees,
+    )
+    with pytest.raises(ValueError, match="radians"):
+        BrainMask(
+            in_file=interface_data["mag"][0], in_phase=str(degrees), method="phase-quality"
+        ).run(cwd=str(tmp_path))
+
+
+def test_two_pass_combine_interface(tmp_path):
+    from qsmflow.interfaces import TwoPassCombine
+
+    rng = np.random.default_rng(16)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    a = rng.normal(size=(8, 9, 10)).astype(np.float32)
+    b = rng.normal(size=(8, 9, 10)).astype(np.float32)
+    filled = np.zeros((8, 9, 10), np.uint8)
+    filled[1:7, 1:8, 1:9] = 1
+    reliable = filled.copy()
+    reliable[3:5, 3:5, 3:5] = 0
+    paths = {}
+    for name, arr in (("a", a), ("b", b), ("f", filled), ("r", reliable)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(arr, affine), paths[name])
+    res = TwoPassCombine(
+        in_chi_filled=paths["a"],
+        in_chi_reliable=paths["b"],
+        in_filled_mask=paths["f"],
+        in_reliable_mask=paths["r"],
+    ).run(cwd=str(tmp_path))
+    out = nib.load(res.outputs.out_chi).get_fdata()
+    np.testing.assert_allclose(out, two_pass_combine(a, b, filled > 0, reliable > 0), atol=1e-6)
+    four_d = str(tmp_path / "four.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 9, 10, 2), np.float32), affine), four_d)
+    with pytest.raises(ValueError, match="in_chi_reliable .*four.nii.gz: shape"):
+        TwoPassCombine(
+            in_chi_filled=paths["a"],
+            in_chi_reliable=four_d,
+            in_filled_mask=paths["f"],
+            in_reliable_mask=paths["r"],
+        ).run(cwd=str(tmp_path))
