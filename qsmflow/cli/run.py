@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from . import plugins
 from ._common import fail, positive_float, positive_int
 
 
@@ -48,15 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Nipype work directory (default OUTPUT_DIR/work); rerunning with the "
         "same one resumes an interrupted run",
     )
-    p.add_argument("--nprocs", type=positive_int, default=1, help="processes for MultiProc")
+    p.add_argument(
+        "--nprocs",
+        type=positive_int,
+        help="processes for MultiProc (default 1, or the CPUs of the SLURM allocation)",
+    )
     p.add_argument("--mem-gb", type=positive_float, help="memory limit for MultiProc (GB)")
     p.add_argument("--omp-nthreads", type=positive_int, default=1, help="threads per node")
-    p.add_argument(
-        "--plugin",
-        default=None,
-        metavar="NAME",
-        help="Nipype execution plugin (default MultiProc, Linear with --nprocs 1)",
-    )
+    plugins.add_execution_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--version", action="version", version=f"qsmflow {__version__}")
     return p
@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             f"{out_root}: OUTPUT_DIR must differ from BIDS_DIR (inputs are never written)"
         )
     pipeline_name, pipeline = load_pipeline(args.pipeline)
+    # plugin, its arguments and the batch system are checked before any work starts
+    execution = plugins.plan_execution(args)
     filters = None
     if args.bids_filter_file:
         try:
@@ -123,6 +125,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"qsmflow {__version__}: pipeline '{pipeline_name}', {len(acquisitions)} acquisition(s):")
     for acq in acquisitions:
         print(f"  {acq.label}: {len(acq.phase)} echoes, {acq.b0_tesla} T, grid {acq.shape}")
+    print(f"execution: {execution.description}")
     if args.dry_run:
         return 0
 
@@ -177,24 +180,23 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         n_threads=args.omp_nthreads,
     )
     wf.base_dir = str(work)
-    wf.config["execution"]["crashdump_dir"] = str(work / "crashes")
-    wf.config["execution"]["crashfile_format"] = "txt"
-    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
-    plugin_args = {}
-    if plugin == "MultiProc":
-        plugin_args = {"n_procs": args.nprocs, "raise_insufficient": False}
-        if args.mem_gb:
-            plugin_args["memory_gb"] = args.mem_gb
-    plugin_args["status_callback"] = _progress(wf)
-    start = time.perf_counter()
+    plugins.configure_workflow(wf, execution, crash_dir=work / "crashes")
+    start, started_at = time.perf_counter(), time.time()
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        plugins.run_workflow(wf, execution, status_callback=_progress(wf))
     except RuntimeError as exc:
-        crashes = sorted((work / "crashes").glob("crash-*.txt"))
-        print(f"qsmflow: some steps failed ({exc}); crash files:", file=sys.stderr)
-        for c in crashes:
-            print(f"  {c}", file=sys.stderr)
+        failures = plugins.read_failures(work / "crashes", since=started_at)
+        if not failures:
+            raise ValueError(f"the workflow failed without crash files ({exc})") from exc
+        plugins.report_failures(failures)
         return 1
+    if execution.detached:
+        print(
+            f"qsmflow: jobs submitted to {execution.plugin}; outputs appear in {deriv} as they "
+            f"finish and crash files in {work / 'crashes'}; rerun the same command afterwards "
+            "to resubmit only what did not finish"
+        )
+        return 0
     print(f"qsmflow: finished in {time.perf_counter() - start:.0f} s; outputs in {deriv}")
     for sub in sorted({a.subject for a in acquisitions}):
         print(f"  report: {deriv / f'sub-{sub}.html'}")

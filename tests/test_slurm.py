@@ -1,0 +1,511 @@
+"""Cluster execution: the BIDS App on a real single-node SLURM cluster started on localhost.
+
+The cluster (munged, slurmctld, slurmd with a configuration in a temporary folder) is started by
+:class:`LocalSlurm` and stopped after the tests; the tests skip with the reason where it cannot
+start (not root, SLURM or MUNGE not installed), unless ``QSMFLOW_REQUIRE_SLURM=1`` (set by
+``.ci/run`` once the packages are installed) turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow.cli import plugins
+from qsmflow.cli.run import main as qsmflow_main
+from qsmflow.cli.simulate import main as simulate_main
+from qsmflow.workflows import init_qsm_wf
+
+#: Daemons and tools a local cluster needs (Debian: munge slurmctld slurmd slurm-client).
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalSlurm:
+    """A single-node SLURM cluster on localhost, for tests and benchmarks (needs root).
+
+    ``start()`` writes ``slurm.conf`` in ``root``, starts its own ``munged`` (own key and
+    socket), ``slurmctld`` and ``slurmd`` in the foreground and waits until the node is idle;
+    ``stop()`` cancels the jobs and stops exactly those three processes. ``env`` holds the
+    variables (``SLURM_CONF``, ``LOGNAME``) that clients need.
+    """
+
+    def __init__(self, root: str | Path | None = None):
+        # not under pytest's 0700 temporary folders: munged runs as the 'munge' user
+        self.root = Path(root or tempfile.mkdtemp(prefix="qsmflow-slurm-"))
+        self.root.chmod(0o755)
+        self._own_root = root is None
+        self.conf = self.root / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        self.env = {"SLURM_CONF": str(self.conf), "LOGNAME": "root"}
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why a local cluster cannot be started here, or None."""
+        missing = [p for p in SLURM_PROGRAMS if shutil.which(p) is None]
+        if missing:
+            return (
+                f"SLURM/MUNGE not installed ({', '.join(missing)} missing; Debian: apt-get "
+                "install munge slurmctld slurmd slurm-client)"
+            )
+        if os.geteuid() != 0:
+            return "starting slurmd/munged needs root"
+        try:
+            import pwd
+
+            pwd.getpwnam("munge")
+        except KeyError:
+            return "no 'munge' user (install the munge package)"
+        return None
+
+    def _log_tail(self) -> str:
+        tails = []
+        for name in ("munge/munged.log", "slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            if path.exists():
+                tails.append(f"{name}: " + " | ".join(path.read_text().splitlines()[-3:]))
+        return "; ".join(tails)
+
+    def _wait(self, what: str, test, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if test():
+                return
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[0]} exited ({self._log_tail()})")
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} not ready after {timeout:.0f} s ({self._log_tail()})")
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            timeout=60,
+            check=check,
+        )
+
+    def start(self) -> LocalSlurm:
+        import pwd
+
+        munge = pwd.getpwnam("munge")
+        mdir = self.root / "munge"
+        for sub in ("state", "spool", "munge"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(mdir, 0o755)  # clients reach the socket; munged refuses anything else
+        key, sock = mdir / "munge.key", mdir / "munge.socket"
+        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True)
+        for path in (mdir, key):
+            os.chown(path, munge.pw_uid, munge.pw_gid)
+        os.chmod(key, 0o600)
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    "munged",
+                    "--foreground",
+                    f"--key-file={key}",
+                    f"--socket={sock}",
+                    f"--pid-file={mdir / 'munged.pid'}",
+                    f"--seed-file={mdir / 'munged.seed'}",
+                    f"--log-file={mdir / 'munged.log'}",
+                ],
+                user=munge.pw_uid,
+                group=munge.pw_gid,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        self._wait("munged", sock.exists, 10)
+        cpus = os.cpu_count() or 1
+        mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+        r = self.root
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=qsmflowtest",
+                    "SlurmctldHost=localhost",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={sock}",
+                    f"StateSaveLocation={r / 'state'}",
+                    f"SlurmdSpoolDir={r / 'spool'}",
+                    f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={r / 'slurmctld.log'}",
+                    f"SlurmdLogFile={r / 'slurmd.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "SchedulerType=sched/builtin",
+                    "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
+                    "SlurmdParameters=config_overrides",
+                    # finished jobs stay visible to 'scontrol show job' for the checks
+                    "MinJobAge=3600",
+                    "ReturnToService=2",
+                    "MpiDefault=none",
+                    f"NodeName=localhost CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        env = {**os.environ, **self.env}
+        for daemon in ("slurmctld", "slurmd"):
+            self.procs.append(
+                subprocess.Popen(
+                    [daemon, "-D", "-f", str(self.conf)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+        def idle() -> bool:
+            out = self.run("sinfo", "--noheader", "--format=%t", check=False).stdout.strip()
+            return out == "idle"
+
+        self._wait("the SLURM node", idle, 30)
+        return self
+
+    def jobs(self) -> list[dict[str, str]]:
+        """Every job the controller remembers (finished ones too), as key -> value."""
+        out = self.run("scontrol", "show", "job", "--oneliner", check=False).stdout
+        jobs = []
+        for line in out.splitlines():
+            if line.startswith("JobId="):
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                jobs.append(fields)
+        return jobs
+
+    def wait_empty(self, timeout: float = 300.0) -> None:
+        """Wait until no job is pending or running."""
+        self._wait(
+            "the queue",
+            lambda: not self.run("squeue", "--noheader", check=False).stdout.strip(),
+            timeout,
+        )
+
+    def stop(self) -> None:
+        if self.procs and self.conf.exists():
+            self.run("scancel", "--user=root", check=False)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalSlurm:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = LocalSlurm.unavailable()
+    require = os.environ.get("QSMFLOW_REQUIRE_SLURM") == "1"
+    if reason:
+        if require:
+            pytest.fail(f"QSMFLOW_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = LocalSlurm()
+    try:
+        cluster.__enter__()
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        if require:
+            pytest.fail(f"could not start a local SLURM cluster: {exc}")
+        pytest.skip(f"could not start a local SLURM cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(slurm, monkeypatch):
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    return slurm
+
+
+# ------------------------------------------------------------------------------ data and runs
+PIPELINE = "fast"  # Laplacian unwrapping: no compiled code to build in every job
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two simulated subjects at 4 mm with 2 echoes, and plugin arguments for quick polling."""
+    root = tmp_path_factory.mktemp("slurmdata")
+    bids = root / "bids"
+    argv = [str(bids), "--subjects", "2", "--voxel-size", "4", "--echoes", "2", "--seed", "5"]
+    assert simulate_main(argv) == 0
+    fast_poll = root / "poll.yml"
+    fast_poll.write_text("poll_sleep_duration: 0.2\n")
+    return {"root": root, "bids": bids, "poll": fast_poll}
+
+
+def _app(dataset, out, *extra):
+    argv = [str(dataset["bids"]), str(out), "participant", "--pipeline", PIPELINE]
+    return qsmflow_main([*argv, "--plugin-args", str(dataset["poll"]), *extra])
+
+
+@pytest.fixture(scope="module")
+def multiproc_out(dataset):
+    out = dataset["root"] / "multiproc"
+    assert _app(dataset, out, "--plugin", "MultiProc", "--nprocs", "2") == 0
+    return out / "qsmflow"
+
+
+def _derivatives(deriv: Path) -> dict[str, Path]:
+    files = sorted(deriv.glob("sub-*/*/*.nii.gz")) + sorted(deriv.glob("sub-*/*/*.json"))
+    return {str(f.relative_to(deriv)): f for f in files}
+
+
+def _assert_identical(deriv: Path, reference: Path) -> None:
+    ours, ref = _derivatives(deriv), _derivatives(reference)
+    assert sorted(ours) == sorted(ref) and len(ref) >= 2 * 16
+    for name, path in ref.items():
+        if name.endswith(".json"):
+            assert json.loads(ours[name].read_text()) == json.loads(path.read_text()), name
+        else:
+            a, b = nib.load(ours[name]), nib.load(path)
+            assert np.array_equal(a.affine, b.affine), name
+            assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), name
+
+
+def _node_of(job_line: str) -> tuple[str, str]:
+    """(subject, node) of a line '<job id> <path>/pyscript_<time>_<hierarchy>_<node>.py'."""
+    match = re.search(r"\.sub_(\w+?)_wf(?:\.qsm_\w+?_wf)?_(\w+)\.py$", job_line)
+    assert match, job_line
+    return match.group(1), match.group(2)
+
+
+def _truncate_nifti(path: Path) -> bytes:
+    """Cut a .nii.gz after its header (it still queries as BIDS, loading its data fails);
+    returns the original bytes."""
+    original = path.read_bytes()
+    raw = gzip.decompress(original)
+    path.write_bytes(gzip.compress(raw[:400]))
+    return original
+
+
+# ------------------------------------------------------------------------------ cluster runs
+@pytest.mark.slow
+def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
+    slurm_env, dataset, multiproc_out, tmp_path, capsys
+):
+    """SLURM plugin: a failing node is reported with its subject and crash file, the rerun
+    submits only the nodes that did not finish, the outputs equal MultiProc's; every job runs
+    through the --job-template wrapper and asks for its node's CPUs and memory."""
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    data = {**dataset, "bids": bids}
+    bad = bids / "sub-02/anat/sub-02_echo-2_part-phase_MEGRE.nii.gz"
+    original = _truncate_nifti(bad)
+    log = tmp_path / "jobs.log"
+    wrapper = tmp_path / "wrap.sh"
+    wrapper.write_text(f'#!/bin/sh\necho "$SLURM_JOB_ID $2" >> {log}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    template = tmp_path / "job.sh"
+    template.write_text(f"#!/bin/bash\n#SBATCH --nice=0\n{wrapper} \\\n")
+    out = tmp_path / "out"
+    extra = ["--plugin", "SLURM", "--slurm-partition", "debug", "--slurm-time", "30"]
+    extra += ["--job-template", str(template)]
+
+    assert _app(data, out, *extra) == 1
+    err = capsys.readouterr().err
+    failed = [ln for ln in err.splitlines() if ln.startswith("  sub-")]
+    assert failed and all(ln.startswith("  sub-02: qsm_main_wf.unwrap") for ln in failed), err
+    crash = Path(err.split("crash file: ")[1].split()[0])
+    assert crash.exists() and "sub_02_wf" in crash.read_text()
+    assert "rerun the same command" in err
+    deriv = out / "qsmflow"
+    assert (deriv / "sub-01/anat/sub-01_Chimap.nii.gz").exists()
+    assert not (deriv / "sub-02/anat/sub-02_Chimap.nii.gz").exists()
+    first = log.read_text().splitlines()
+    assert any("sub_02_wf.qsm_main_wf_brain_mask" in ln for ln in first)
+    done_sub01 = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("sub_01_wf/**/result_*")}
+    assert done_sub01
+
+    # each job asked SLURM for its node's mem_gb / n_procs (and the plugin-wide options)
+    jobs = {j["JobId"]: j for j in slurm_env.jobs()}
+    job = jobs[next(ln.split()[0] for ln in first if _node_of(ln) == ("01", "unwrap"))]
+    shape = nib.load(bad).shape
+    unwrap = init_qsm_wf(n_voxels=math.prod(shape), n_echoes=2).get_node("unwrap")
+    mem_mib = max(plugins.MIN_JOB_MEM_MIB, math.ceil(1024 * unwrap.mem_gb))
+    assert job["MinMemoryNode"] == f"{mem_mib}M" and job["NumCPUs"] == "1"
+    assert job["Partition"] == "debug" and job["TimeLimit"] == "00:30:00"
+
+    bad.write_bytes(original)
+    assert _app(data, out, *extra) == 0
+    resubmitted = sorted(_node_of(ln) for ln in log.read_text().splitlines()[len(first) :])
+    # the failed node and what depends on it; sub-02's brain mask had finished
+    expected = ["background", "ds_report", "fit_field", "inversion", "reference", "unwrap"]
+    assert resubmitted == [("02", name) for name in expected]
+    assert {p: p.stat().st_mtime_ns for p in done_sub01} == done_sub01
+    _assert_identical(deriv, multiproc_out)
+    assert json.loads((deriv / "sub-02/anat/sub-02_Chimap.json").read_text())["Units"] == "ppm"
+
+
+@pytest.mark.slow
+def test_slurmgraph_matches_multiproc(slurm_env, dataset, multiproc_out, tmp_path, capsys):
+    """SLURMGraph submits the whole graph and returns; once the queue is empty the outputs
+    equal MultiProc's; a rerun submits nothing."""
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert _app(dataset, out, "--plugin", "SLURMGraph") == 0
+    assert "jobs submitted to SLURMGraph" in capsys.readouterr().out
+    slurm_env.wait_empty()
+    print(f"SLURMGraph run: {time.monotonic() - start:.1f} s")
+    graph_jobs = [j for j in slurm_env.jobs() if str(out) in j.get("Command", "")]
+    assert len(graph_jobs) > 40
+    assert all(j["JobState"] == "COMPLETED" for j in graph_jobs)
+    _assert_identical(out / "qsmflow", multiproc_out)
+    assert _app(dataset, out, "--plugin", "SLURMGraph") == 0
+    slurm_env.wait_empty()
+    assert len([j for j in slurm_env.jobs() if str(out) in j.get("Command", "")]) == len(graph_jobs)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _args(**kw) -> argparse.Namespace:
+    base = dict(
+        plugin=None,
+        plugin_args=None,
+        nprocs=None,
+        mem_gb=None,
+        slurm_account=None,
+        slurm_partition=None,
+        slurm_time=None,
+        job_template=None,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_unknown_plugin_is_rejected_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qsmflow_main([str(tmp_path), str(tmp_path / "o"), "participant", "--plugin", "Slurmm"])
+    err = capsys.readouterr().err
+    assert "unknown plugin 'Slurmm'" in err and "SLURMGraph" in err
+    assert plugins.plugin_name("slurmgraph") == "SLURMGraph"
+
+
+def test_plugin_args_are_validated(tmp_path):
+    f = tmp_path / "args.yml"
+    f.write_text("sbatch_args: --qos=low\nmax_job: 10\n")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) max_job .*allowed: sbatch_args"):
+        plugins.plan_execution(_args(plugin="SLURM", plugin_args=str(f)), check=False)
+    f.write_text("max_jobs: many\n")
+    with pytest.raises(ValueError, match="max_jobs must be int, got 'many'"):
+        plugins.plan_execution(_args(plugin="SLURM", plugin_args=str(f)), check=False)
+    f.write_text("- n_procs\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        plugins.plan_execution(_args(plugin="MultiProc", plugin_args=str(f)), check=False)
+    j = tmp_path / "args.json"
+    j.write_text(json.dumps({"sbatch_args": "--qos=low", "poll_sleep_duration": 0.5}))
+    ex = plugins.plan_execution(
+        _args(plugin="SLURM", plugin_args=str(j), slurm_account="lab"), check=False
+    )
+    assert ex.plugin_args["sbatch_args"] == "--qos=low --account=lab"
+    assert ex.config == {"poll_sleep_duration": 0.5}
+    with pytest.raises(ValueError, match="--slurm-account need --plugin SLURM"):
+        plugins.plan_execution(_args(plugin="MultiProc", slurm_account="lab"), check=False)
+    with pytest.raises(ValueError, match="--job-template .*cannot read"):
+        plugins.plan_execution(
+            _args(plugin="SLURM", job_template=str(tmp_path / "none.sh")), check=False
+        )
+
+
+def test_missing_sbatch_and_unreachable_controller(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ValueError, match="'sbatch' not found on PATH"):
+        plugins.plan_execution(_args(plugin="SLURMGraph"))
+    if shutil.which("scontrol", path=os.defpath + ":/usr/bin") is None:
+        pytest.skip("scontrol not installed: the controller check cannot be exercised")
+    monkeypatch.setenv("PATH", os.defpath)
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        f"ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort={_free_port()}\n"
+        "AuthType=auth/none\nMessageTimeout=2\nNodeName=localhost\n"
+        "PartitionName=p Nodes=localhost\n"
+    )
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    with pytest.raises(ValueError, match="SLURM controller does not answer"):
+        plugins.plan_execution(_args(plugin="SLURM"))
+
+
+def test_multiproc_sizes_itself_from_the_allocation():
+    env = {"SLURM_JOB_ID": "42", "SLURM_CPUS_ON_NODE": "8", "SLURM_MEM_PER_NODE": "16384"}
+    ex = plugins.plan_execution(_args(), environ=env)
+    assert ex.plugin == "MultiProc" and ex.plugin_args["n_procs"] == 8
+    assert ex.plugin_args["memory_gb"] == pytest.approx(0.9 * 16)
+    assert "allocation 42" in ex.description
+    env = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "4", "SLURM_MEM_PER_CPU": "1000"}
+    ex = plugins.plan_execution(_args(), environ=env)
+    assert ex.plugin_args["n_procs"] == 4
+    assert ex.plugin_args["memory_gb"] == pytest.approx(0.9 * 4000 / 1024, abs=0.01)
+    # explicit options win; outside an allocation the default stays Linear
+    assert plugins.plan_execution(_args(nprocs=2), environ=env).plugin_args["n_procs"] == 2
+    assert plugins.plan_execution(_args(), environ={}).plugin == "Linear"
+
+
+def test_node_resources_become_sbatch_options(tmp_path):
+    from qsmflow.workflows import init_qsmflow_wf
+    from qsmflow.workflows.pipelines import load_pipeline
+
+    from .test_workflows import _fake_acq
+
+    wf = init_qsmflow_wf(
+        acquisitions=[_fake_acq("01"), _fake_acq("02")],
+        output_dir=tmp_path,
+        raw_root="/data",
+        pipeline=load_pipeline("default")[1],
+        n_threads=3,
+    )
+    requests = plugins.set_job_resources(wf, "SLURM")
+    unwrap = wf.get_node("sub_01_wf.qsm_main_wf.unwrap")
+    mib = math.ceil(unwrap.mem_gb * 1024)
+    assert requests["sub_01_wf.qsm_main_wf.unwrap"] == f"--cpus-per-task=3 --mem={mib}M"
+    assert unwrap.plugin_args["sbatch_args"].split() == ["--cpus-per-task=3", f"--mem={mib}M"]
+    # bookkeeping nodes run on the submitting host, heavy ones are jobs
+    sink = wf.get_node("sub_01_wf.ds_main_Chimap_main")
+    assert sink.run_without_submitting and "sub_01_wf.ds_main_Chimap_main" not in requests
+    assert not unwrap.run_without_submitting and len(requests) >= 2 * 6
+    # MultiProc/Linear leave the nodes alone
+    assert plugins.set_job_resources(wf, "MultiProc") == {}
