@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,9 +25,9 @@ TES = (0.004, 0.009, 0.014, 0.019)
 MATRIX, VOXEL = (32, 40, 10), (5.0, 5.0, 5.0)
 
 
-def _sim(n_coils=0, pitch=0.0, oblique=0.0, tes=TES, seed=0):
+def _sim(n_coils=0, pitch=0.0, oblique=0.0, seed=0):
     params = AcquisitionParams(
-        matrix=MATRIX, voxel_size_mm=VOXEL, echo_times_s=tes, n_coils=n_coils, oblique_deg=oblique
+        matrix=MATRIX, voxel_size_mm=VOXEL, echo_times_s=TES, n_coils=n_coils, oblique_deg=oblique
     )
     return simulate_acquisition(
         make_head_model(0),
@@ -39,11 +40,19 @@ def _sim(n_coils=0, pitch=0.0, oblique=0.0, tes=TES, seed=0):
 
 @pytest.fixture(scope="module")
 def sims():
+    ori1 = _sim()
+    # a magnitude-only single-echo scan (written as a T1w): the first echo of ori1
+    t1 = dataclasses.replace(
+        ori1,
+        params=dataclasses.replace(ori1.params, echo_times_s=(0.003,)),
+        magnitude=ori1.magnitude[..., :1].copy(),
+        phase=ori1.phase[..., :1].copy(),
+    )
     return {
-        "ori1": _sim(),
+        "ori1": ori1,
         "ori2": _sim(pitch=20.0, oblique=12.0, seed=1),
         "coils": _sim(n_coils=2, seed=2),
-        "t1": _sim(tes=(0.003,), seed=3),
+        "t1": t1,
     }
 
 
@@ -301,6 +310,8 @@ def test_bad_arguments_give_one_line_errors(dicom_dir, tmp_path, capsys):
     assert str(bad) in err and "'match'" in err
     assert dicom2bids([str(dicom_dir / "GE"), str(tmp_path / "ds"), "--session", "a_b"]) == 1
     assert "alphanumeric" in capsys.readouterr().err
+    assert dicom2bids([str(dicom_dir), str(tmp_path / "ds"), "--participant-label", "01"]) == 1
+    assert "patients" in capsys.readouterr().err
 
 
 def test_mapping_file_sets_labels(dicom_dir, tmp_path, capsys):

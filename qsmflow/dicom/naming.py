@@ -181,6 +181,13 @@ def plan_names(
             continue
         sub = _subject_label(acq, participant_label, mapping)
         planned.append(PlannedAcquisition(acq, {"sub": sub, "acq": rule.get("acq")}, suffix))
+    patients = sorted({p.acquisition.info.patient_id or "(none)" for p in planned})
+    if participant_label and len(patients) > 1:
+        raise ValueError(
+            f"--participant-label {participant_label!r} names one subject but the DICOM folder "
+            f"holds {len(patients)} patients ({', '.join(patients[:5])}); convert them one by "
+            "one or give their labels in a mapping file"
+        )
     _assign_sessions(planned, session, mapping)
     _assign_runs(planned)
     for plan in planned:

@@ -468,7 +468,7 @@ def scan_dicom(
     scan = DicomScan([], {}, [], [], [])
     chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
     done = 0
-    if n_procs > 1 and len(paths) > 256:
+    if n_procs > 1 and len(paths) > 1000:  # below that, starting processes costs more
         from concurrent.futures import ProcessPoolExecutor
         from multiprocessing import get_context
 
