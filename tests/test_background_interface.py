@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from qsmflow import GAMMA_BAR_MHZ_PER_T
-from qsmflow.algorithms.background import lbv, pdf
+from qsmflow.algorithms.background import lbv, noise_weights, pdf
 from qsmflow.interfaces import BackgroundRemoval
 from qsmflow.io.nifti import save_nifti
 
@@ -63,6 +63,26 @@ def test_options_reach_the_algorithms(files, tmp_path):
     expected, roi = pdf(files["field"], files["mask"], VOX, b0)
     np.testing.assert_array_equal(valid, files["mask"])
     np.testing.assert_allclose(local[roi], expected[roi], atol=1e-6)
+
+
+def test_pdf_noise_weights_from_a_file(files, tmp_path):
+    # a noise SD that is large on one side: the weighted fit differs from the unweighted one
+    x = np.arange(files["mask"].shape[0])[:, None, None]
+    sd = np.broadcast_to(np.where(x > 18, 10.0, 0.1), files["mask"].shape).astype(np.float32)
+    path = files["root"] / "field_sd.nii.gz"
+    save_nifti(sd, AFFINE, path)
+    _, local, valid = run(files, tmp_path, method="pdf", in_field_sd=str(path))
+    weights = noise_weights(sd, files["mask"])
+    expected, roi = pdf(files["field"], files["mask"], VOX, (0, 0, 1), weights=weights)
+    np.testing.assert_array_equal(valid, roi)
+    np.testing.assert_allclose(local, expected, atol=1e-6)
+    plain, _ = pdf(files["field"], files["mask"], VOX, (0, 0, 1))
+    assert np.abs(plain - expected)[roi].max() > 1e-3 * np.abs(expected[roi]).max()
+    # an SD map on another grid names its file
+    bad = files["root"] / "field_sd_small.nii.gz"
+    save_nifti(sd[:-1], AFFINE, bad)
+    with pytest.raises(ValueError, match="field_sd_small"):
+        run(files, tmp_path / "bad", method="pdf", in_field_sd=str(bad))
 
 
 def test_field_in_hz(files, tmp_path):

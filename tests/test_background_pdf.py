@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qsmflow.algorithms.background.pdf import pdf
+from qsmflow import GAMMA_BAR_MHZ_PER_T
+from qsmflow.algorithms.background.pdf import noise_weights, pdf
 from qsmflow.algorithms.dipole import forward_field
+from qsmflow.algorithms.echoes import fit_field
 from qsmflow.algorithms.masking import erode_mm
 from qsmflow.algorithms.metrics import correlation, nrmse_demeaned
 
@@ -145,6 +147,45 @@ def test_simulated_total_field(sim_2mm):
         sim.total_field_ppm, sim.mask, vox, sim.b0_dir, max_iter=2, n_levels=0, n_threads=2
     )
     assert nrmse_demeaned(early, truth, roi) > 80
+
+
+def test_noise_weights():
+    mask = np.zeros((6, 5, 4), bool)
+    mask[1:5, 1:4, 1:3] = True
+    sd = np.full(mask.shape, 2.0, np.float32)
+    sd[1, 1, 1] = 0.0  # no fit there
+    sd[2, 1, 1] = np.nan
+    sd[3, 1, 1] = 1e-6  # raised to the floor, 1 % of the median
+    sd[4, 1, 1] = 4.0
+    w = noise_weights(sd, mask)
+    assert w.dtype == np.float32 and not w[~mask].any()
+    assert w[1, 1, 1] == 0 and w[2, 1, 1] == 0
+    assert w[3, 1, 1] == pytest.approx(1 / 0.02)
+    assert w[4, 1, 1] == pytest.approx(0.25) and w[2, 2, 2] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="shape"):
+        noise_weights(sd[:-1], mask)
+    with pytest.raises(ValueError, match="zero or not finite"):
+        noise_weights(np.zeros_like(sd), mask)
+
+
+def test_noise_weights_on_a_fitted_field(sim_2mm):
+    """The published weighting (1 / noise SD of the field) on a field fitted from noisy echoes."""
+    sim = sim_2mm
+    p = sim.params
+    tes = np.asarray(p.echo_times_s, np.float32)
+    hz_per_ppm = GAMMA_BAR_MHZ_PER_T * p.b0_tesla
+    clean = sim.phase_offset_rad[..., None] + np.float32(2 * np.pi * hz_per_ppm) * (
+        tes * sim.total_field_ppm[..., None]
+    )
+    unwrapped = clean + np.angle(np.exp(1j * (sim.phase - clean)))  # oracle unwrapping
+    fit = fit_field(unwrapped, sim.magnitude, tes, b0_tesla=p.b0_tesla, mask=sim.mask)
+    vox, truth = p.voxel_size_mm, sim.local_field_ppm
+    plain, roi = pdf(fit.field_ppm, sim.mask, vox, sim.b0_dir, n_threads=2)
+    weights = noise_weights(fit.field_sd_ppm, sim.mask)
+    weighted, _ = pdf(fit.field_ppm, sim.mask, vox, sim.b0_dir, weights=weights, n_threads=2)
+    # measured 37.0 % unweighted, 35.7 % weighted (33.2 % from the noise-free total field)
+    assert nrmse_demeaned(weighted, truth, roi) < nrmse_demeaned(plain, truth, roi) - 0.5
+    assert nrmse_demeaned(weighted, truth, roi) < 38
 
 
 def test_rejects_bad_input():

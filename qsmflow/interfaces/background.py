@@ -8,7 +8,7 @@ from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined
 
 from .. import GAMMA_BAR_MHZ_PER_T
 from ..algorithms import background
-from ..io.nifti import save_nifti, voxel_sizes
+from ..io.nifti import load_nifti, save_nifti, voxel_sizes
 from ._common import (
     ThreadedInputSpec,
     b0_direction,
@@ -36,6 +36,11 @@ class _BackgroundRemovalInputSpec(ThreadedInputSpec):
         desc="main field strength in Tesla (needed when field_units='Hz'; adds out_field_hz)"
     )
     in_mask = File(exists=True, mandatory=True, desc="brain mask (NIfTI)")
+    in_field_sd = File(
+        exists=True,
+        desc="noise standard deviation of in_field (NIfTI, any unit, e.g. EchoCombination's "
+        "out_field_sd); pdf weights its fit by 1/sd as Liu et al. 2011 (other methods: unused)",
+    )
     method = traits.Enum(
         "vsharp",
         *(m for m in METHODS if m != "vsharp"),
@@ -92,6 +97,12 @@ class BackgroundRemoval(SimpleInterface):
         args = [field, mask, voxel_sizes(img.affine)]
         if needs_b0:
             args.append(b0_direction(self.inputs, img.affine))
+        if self.inputs.method == "pdf" and isdefined(self.inputs.in_field_sd):
+            try:
+                sd = load_nifti(self.inputs.in_field_sd)[0]
+                kwargs["weights"] = background.noise_weights(sd, mask)
+            except ValueError as err:
+                raise ValueError(f"{self.inputs.in_field_sd}: {err}") from err
         try:
             local, valid = func(*args, n_threads=self.inputs.num_threads, **kwargs)
         except ValueError as err:

@@ -9,7 +9,7 @@ Modules: :mod:`.smv` (spherical-mean-value methods: SHARP, V-SHARP, RESHARP, iSM
 """
 
 from .lbv import lbv, lbv_interior
-from .pdf import pdf
+from .pdf import noise_weights, pdf
 from .smv import default_radii_mm, erode_edge, ismv, resharp, sharp, smv_kernel, vsharp
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ismv",
     "lbv",
     "lbv_interior",
+    "noise_weights",
     "pdf",
     "resharp",
     "sharp",
