@@ -380,3 +380,24 @@ def test_siemens_norm_copies_and_per_slice_times(sims, tmp_path, capsys):
     assert "series 9" in out and "without NORM" in out
     assert len(list((bids / "sub-N/anat").glob("*_part-phase_MEGRE.nii.gz"))) == len(TES)
     assert not list((bids / "sub-N/anat").glob("*run-*"))
+
+
+def test_unknown_phase_scaling_fails_that_scan_only(sims, tmp_path, capsys):
+    """Phase whose values fit no known encoding: that scan is reported, nothing of it is left,
+    and the other scans in the folder still convert."""
+    import pydicom
+
+    bad = write_simulated_dicom(sims["ori1"], tmp_path / "in" / "a", DicomFlavour("philips"))
+    for path in bad:
+        ds = pydicom.dcmread(path)
+        ds.Manufacturer = "ACME"
+        if "P" in ds.ImageType:
+            ds.RescaleSlope, ds.RescaleIntercept = 0.25, 0.0  # 0..1024: no known phase range
+        ds.save_as(path)
+    write_simulated_dicom(sims["ori2"], tmp_path / "in" / "b", DicomFlavour("ge"), patient_id="OK")
+    bids = tmp_path / "ds"
+    assert dicom2bids([str(tmp_path / "in"), str(bids), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: sub-QSM01" in err and "matches no known encoding" in err
+    assert not [p for p in (bids / "sub-QSM01").rglob("*") if p.is_file()]
+    assert len(list((bids / "sub-OK/anat").glob("*.nii.gz"))) == 2 * len(TES)

@@ -337,6 +337,21 @@ def _sidecar(meta: dict, acq: Acquisition, out: OutputFile, echo_te_ms, extra: d
     return side
 
 
+def _volumes_to_convert(plan: PlannedAcquisition) -> tuple[list[Volume], bool]:
+    """The volumes dcm2niix must convert for the planned outputs; True when phase and
+    magnitude come from real/imaginary pairs."""
+    acq = plan.acquisition
+    needed = {(o.part, o.echo) for o in plan.outputs}
+    parts = set(acq.parts)
+    want_phase = "phase" in {p for p, _ in needed}
+    from_complex = want_phase and not ({"mag", "phase"} <= parts)
+    if from_complex and not {"real", "imag"} <= parts:
+        raise ValueError(f"{acq.description}: needs magnitude and phase or real and imaginary")
+    use = {"real", "imag"} if from_complex else ({"mag", "phase"} if want_phase else {"mag"})
+    echoes = {e for _, e in needed}
+    return [v for v in acq.volumes if v.part in use and v.echo in echoes], from_complex
+
+
 def _convert_acquisition(
     plan: PlannedAcquisition,
     bids_dir: Path,
@@ -345,15 +360,7 @@ def _convert_acquisition(
     progress: Callable[[str], None] | None,
 ) -> list[Path]:
     acq = plan.acquisition
-    needed = {(o.part, o.echo) for o in plan.outputs}
-    parts = set(acq.parts)
-    from_complex = "phase" in {p for p, _ in needed} and not ({"mag", "phase"} <= parts)
-    use = {"real", "imag"} if from_complex else {"mag", "phase"}
-    if from_complex and not {"real", "imag"} <= parts:
-        raise ValueError(f"{acq.description}: needs magnitude and phase or real and imaginary")
-    volumes = [v for v in acq.volumes if v.part in use and (v.echo in {e for _, e in needed})]
-    if not from_complex and "phase" not in {p for p, _ in needed}:
-        volumes = [v for v in volumes if v.part == "mag"]
+    volumes, from_complex = _volumes_to_convert(plan)
 
     def run(item):
         i, vol = item
@@ -418,8 +425,16 @@ def _convert_acquisition(
         return target
 
     # gzip and numpy release the GIL: outputs are written in parallel too
-    with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-        return list(pool.map(write, plan.outputs))
+    new = [o for o in plan.outputs if not (bids_dir / o.path).exists()]
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
+            return list(pool.map(write, plan.outputs))
+    except BaseException:
+        # leave no half-converted acquisition behind (files that existed before are kept)
+        for o in new:
+            (bids_dir / o.path).unlink(missing_ok=True)
+            (bids_dir / o.sidecar).unlink(missing_ok=True)
+        raise
 
 
 def _coil_order(acq: Acquisition) -> list[str | None]:
@@ -448,7 +463,12 @@ def convert_plan(
         return result
     bids_dir.mkdir(parents=True, exist_ok=True)
     _dataset_files(bids_dir, sorted({p.entities["sub"] for p in plan.planned}))
-    total = sum(len([v for v in p.acquisition.volumes]) for p in plan.planned)
+    total = 0
+    for p in plan.planned:
+        try:
+            total += len(_volumes_to_convert(p)[0])
+        except ValueError:
+            pass
     done = 0
 
     def step(label: str) -> None:
