@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list-pipelines", action="store_true", help="print the presets and exit")
     p.add_argument(
+        "--derivatives",
+        nargs="+",
+        metavar="DIR",
+        help="existing derivatives datasets: segmentations (*_dseg) found there on the "
+        "acquisition's grid add an ROI table to the report; see --use-existing-masks",
+    )
+    p.add_argument(
+        "--use-existing-masks",
+        action="store_true",
+        help="reuse brain masks (*_desc-brain_mask) from --derivatives instead of computing them",
+    )
+    p.add_argument(
         "--work-dir",
         metavar="DIR",
         help="Nipype work directory (default OUTPUT_DIR/work); rerunning with the "
@@ -121,10 +133,28 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"qsmflow: skipping sub-{sub}: {message}", file=sys.stderr)
     if not acquisitions:
         raise ValueError(f"{bids_dir}: no usable multi-echo GRE data found")
+    if args.use_existing_masks and not args.derivatives:
+        raise ValueError("--use-existing-masks needs --derivatives DIR (where the masks are)")
+    if args.derivatives:
+        from ..io.bids import find_derivatives
+
+        acquisitions = find_derivatives(
+            acquisitions, args.derivatives, masks=args.use_existing_masks
+        )
+        if args.use_existing_masks:
+            missing = [a.label for a in acquisitions if a.mask is None]
+            if missing:
+                raise ValueError(
+                    f"--use-existing-masks: no *_desc-brain_mask on the data's grid in "
+                    f"{', '.join(args.derivatives)} for {', '.join(missing)}"
+                )
 
     print(f"qsmflow {__version__}: pipeline '{pipeline_name}', {len(acquisitions)} acquisition(s):")
     for acq in acquisitions:
         print(f"  {acq.label}: {len(acq.phase)} echoes, {acq.b0_tesla} T, grid {acq.shape}")
+        for what, path in (("mask", acq.mask), ("segmentation", acq.segmentation)):
+            if path:
+                print(f"    existing {what}: {path}")
     print(f"execution: {execution.description}")
     if args.dry_run:
         return 0
@@ -183,7 +213,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     plugins.configure_workflow(wf, execution, crash_dir=work / "crashes")
     start, started_at = time.perf_counter(), time.time()
     try:
-        plugins.run_workflow(wf, execution, status_callback=_progress(wf))
+        plugins.run_workflow(wf, execution, status_callback=_Progress(wf))
     except RuntimeError as exc:
         failures = plugins.read_failures(work / "crashes", since=started_at)
         if not failures:
@@ -203,22 +233,26 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _progress(wf):
-    """A Nipype status callback printing one line per finished step: ``[done/total] node``."""
-    # identity nodes are bypassed at run time and report no status
-    total = sum(
-        1 for n in wf._create_flat_graph().nodes() if n.name not in ("inputnode", "outputnode")
-    )
-    done = {"n": 0}
+class _Progress:
+    """Nipype status callback printing one line per finished step: ``[done/total] node``.
 
-    def callback(node, status):
+    A class rather than a closure so that nodes holding it (MapNodes pickle themselves) can be
+    pickled.
+    """
+
+    def __init__(self, wf) -> None:
+        # identity nodes are bypassed at run time and report no status
+        self.total = sum(
+            1 for n in wf._create_flat_graph().nodes() if n.name not in ("inputnode", "outputnode")
+        )
+        self.done = 0
+
+    def __call__(self, node, status) -> None:
         if status == "end":
-            done["n"] += 1
-            print(f"[{done['n']}/{total}] {node.fullname}", file=sys.stderr, flush=True)
+            self.done += 1
+            print(f"[{self.done}/{self.total}] {node.fullname}", file=sys.stderr, flush=True)
         elif status == "exception":
             print(f"[failed] {node.fullname}", file=sys.stderr, flush=True)
-
-    return callback
 
 
 if __name__ == "__main__":
