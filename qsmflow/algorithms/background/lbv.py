@@ -363,9 +363,10 @@ def lbv(
     on the true local field alone loses 69 % of it (demeaned NRMSE) with the boundary on the
     mask's edge, 30 % with the boundary 4 mm inside; on the total field the NRMSE is 79 %
     (2 mm) / 57 % (1 mm) with ``erode_mm=0`` and 32 % / 30 % with the default 4 mm (28.7-32.0 %
-    over four head models at 2 mm; 29.4 % at 1.5 mm). The voxel size does not set the depth:
-    one voxel (2 mm) is enough at 2 mm, but at 1 mm three voxels were needed (one is worse
-    than none, 74 %: the boundary then cuts through the veins).
+    over four head models at 2 mm; 29.4 % at 1.5 mm). The depth is set in mm, not in voxel
+    layers, because what it must clear is anatomy: leaving out one voxel layer gives 37 % at
+    2 mm, but 74 % at 1 mm (worse than none: the boundary then cuts through the veins), and
+    at 1 mm it takes three layers (33 %).
 
     Parameters
     ----------
