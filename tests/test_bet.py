@@ -265,6 +265,17 @@ def test_bet_head_dice(head, head_bet):
     assert dice(tight, head["mask"]) > 0.95  # measured 0.98
 
 
+def test_bet_then_remove_outer_csf_matches_the_brain(head, head_bet):
+    from qsmflow.algorithms.masking import remove_outer_csf
+
+    refined = remove_outer_csf(head["image"], head_bet[0], head["vox"])
+    assert not np.any(refined & ~head_bet[0])
+    assert dice(refined, head["mask"]) > 0.97  # measured 0.99
+    nuclei = np.isin(head["seg"], DGM_AND_THALAMUS)
+    assert np.all(refined[nuclei])
+    assert np.array_equal(ndimage.binary_fill_holes(refined), refined)
+
+
 def _intracranial(head):
     """Brain mask plus the CSF and veins between brain and skull (one filled piece)."""
     inside = head["mask"] | np.isin(head["seg"], (10, 11))

@@ -20,6 +20,7 @@ from qsmflow.algorithms.masking import (
     phase_quality_map,
     phase_quality_mask,
     reliable_mask,
+    remove_outer_csf,
     threshold_mask,
     two_pass_combine,
 )
@@ -365,15 +366,15 @@ def test_brain_mask_bet_falls_back_to_builtin_and_says_so(
 
     messages = []
     monkeypatch.setattr(iface.IFLOGGER, "warning", lambda msg, *a: messages.append(msg % a))
-    res = iface.BrainMask(in_magnitude=interface_data["mag"], method="bet", frac=0.7).run(
+    res = iface.BrainMask(in_magnitude=interface_data["mag"], method="bet", exclude_csf=True).run(
         cwd=str(tmp_path)
     )
     assert res.outputs.method_used == "bet"
     assert any("built-in BET" in m for m in messages)
     side = json.loads(Path(res.outputs.out_sidecar).read_text())
     assert side["MethodUsed"] == "bet" and side["MethodRequested"] == "bet"
-    assert side["Parameters"]["frac"] == 0.7
-    assert _dice_file(res.outputs.out_mask, interface_data["sim"].mask) > 0.9
+    assert side["Parameters"]["frac"] == 0.5 and side["Parameters"]["exclude_csf"]
+    assert _dice_file(res.outputs.out_mask, interface_data["sim"].mask) > 0.95
     brain = nib.load(res.outputs.out_brain).get_fdata()
     mask = nib.load(res.outputs.out_mask).get_fdata() > 0.5
     assert np.all(brain[~mask] == 0) and np.all(brain[mask] >= 0) and brain.max() > 0
@@ -562,3 +563,19 @@ def test_two_pass_combine_interface(tmp_path):
             in_filled_mask=paths["f"],
             in_reliable_mask=paths["r"],
         ).run(cwd=str(tmp_path))
+
+
+def test_remove_outer_csf_on_a_layered_ball():
+    vox = (1.5, 1.5, 1.5)
+    r = _distance((50, 50, 50), vox, (37.0, 37.5, 36.8))
+    image = np.where(r < 24, 1.0, np.where(r < 28, 0.6, 0.02))  # 'brain', 'CSF', 'skull'
+    image = image + np.random.default_rng(17).normal(0, 0.04, image.shape)
+    image[r < 5] = 0.6  # a 'ventricle': filled back in
+    out = remove_outer_csf(image, r < 28, vox)
+    brain = r < 24
+    assert 2 * np.count_nonzero(out & brain) / (out.sum() + brain.sum()) > 0.98
+    assert np.all(out[r < 5])
+    with pytest.raises(ValueError, match="empty"):
+        remove_outer_csf(image, np.zeros(image.shape, bool), vox)
+    with pytest.raises(ValueError, match="shape"):
+        remove_outer_csf(image, brain[:-1], vox)

@@ -39,6 +39,7 @@ __all__ = [
     "dilate_mm",
     "close_mm",
     "check_head_image",
+    "remove_outer_csf",
     "phase_quality_map",
     "phase_quality_mask",
     "reliable_mask",
@@ -321,6 +322,33 @@ def check_head_image(
             f"{name}: no head found (the largest bright object is {volume_ml:.0f} ml, expected "
             f"at least {min_volume_ml:.0f} ml); is this a noise-only image or the wrong file?"
         )
+
+
+def remove_outer_csf(
+    image: np.ndarray,
+    mask: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    close_mm: float = 3.0,
+) -> np.ndarray:
+    """Take the CSF between brain and skull out of an intracranial mask (such as BET's).
+
+    On a first-echo GRE magnitude the CSF is darker than brain tissue (T1 saturation) but far
+    brighter than the skull, so BET's surface settles at the inner skull. Inside ``mask``,
+    Otsu's threshold splits the intensities into CSF and tissue; the tissue's largest
+    component, closed by ``close_mm`` (sulci) and hole-filled (ventricles, veins), within
+    ``mask`` is returned. Assumes a roughly uniform receive field: strong intensity bias can
+    cut dark tissue.
+    """
+    img = np.asarray(image)
+    m = np.asarray(mask, dtype=bool)
+    if img.shape != m.shape:
+        raise ValueError(f"image shape {img.shape} differs from mask shape {m.shape}")
+    if not m.any():
+        raise ValueError("mask is empty")
+    tissue = m & (img > otsu_threshold(img[m]))
+    out = clean_mask(tissue, close_mm=close_mm, fill_holes=True, voxel_size_mm=voxel_size_mm)
+    return out & m
 
 
 def phase_quality_map(

@@ -137,6 +137,13 @@ class _BrainMaskInputSpec(ThreadedInputSpec):
     robust = traits.Bool(
         False, usedefault=True, desc="BET robust centre estimation (FSL -R), iterates BET"
     )
+    exclude_csf = traits.Bool(
+        False,
+        usedefault=True,
+        desc="bet/fsl-bet: take the CSF between brain and skull out of the BET mask (Otsu split "
+        "of the magnitude inside it, 3 mm closing, hole filling); on GRE magnitude BET itself "
+        "outlines the inner skull",
+    )
     threshold_method = traits.Enum(
         "otsu-foreground",
         "otsu",
@@ -232,6 +239,9 @@ class BrainMask(SimpleInterface):
                     center_vox=params.get("center"),
                     robust=params["robust"],
                 )
+            if self.inputs.exclude_csf:
+                mask = masking.remove_outer_csf(image, mask, vox)
+                params["exclude_csf"] = True
         elif method == "phase-quality":
             mask, quality, reliable, params = self._phase_quality(mag, vox, source)
             for name, arr in (("quality", quality), ("reliablemask", reliable)):
