@@ -285,7 +285,7 @@ def pdf(
     Returns
     -------
     local_field_ppm : numpy.ndarray
-        float32 local field (same unit as the input), zero outside the mask.
+        float32 local field (same unit as the input), zero outside ``valid_mask``.
     valid_mask : numpy.ndarray
         bool mask where the local field is valid: ``mask`` eroded by ``erode_mm``.
 
