@@ -5,6 +5,8 @@ to its files (or, for an enhanced multi-frame file holding several volumes, a co
 frames) go into a private folder that dcm2niix converts, so the output is known to be that
 volume whatever dcm2niix calls it. Then
 
+* Philips magnitude is taken as precise floating-point values (dcm2niix ``-p y``) and phase
+  as display values (``-p n``);
 * phase is converted to radians with the vendor's encoding
   (:func:`qsmflow.algorithms.echoes.phase_scaling.phase_to_radians`): Siemens
   ``-4096..4095`` (RescaleSlope 2, RescaleIntercept -4096) or raw ``0..4095``; Philips display
@@ -230,7 +232,15 @@ def _run_dcm2niix(volume: Volume, folder: Path) -> tuple[Any, dict]:
     # The command line comes from the Nipype interface; it is run with subprocess because
     # Nipype's CommandLine.run adds ~0.2 s per call (gc.collect, ldd of the binary, polled I/O)
     # and a conversion runs dcm2niix once per volume (hundreds of times for coil data).
-    cmd = Dcm2niixVolume(source_dir=str(src), output_dir=str(out), out_filename="vol").cmdline
+    # Philips: magnitude (and real/imaginary) as precise floating-point values, which are the
+    # ones comparable across images with different scalings; phase as display values, which
+    # are radians or milliradians (Chenevert et al., Transl Oncol 2014 on Philips scaling)
+    cmd = Dcm2niixVolume(
+        source_dir=str(src),
+        output_dir=str(out),
+        out_filename="vol",
+        philips_float=volume.part != "phase",
+    ).cmdline
     proc = subprocess.run(shlex.split(cmd), cwd=folder, capture_output=True, text=True)
     stdout = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode not in (0, 1):  # dcm2niix may return 1 after a successful conversion

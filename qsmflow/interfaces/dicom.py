@@ -56,8 +56,8 @@ class Dcm2niixVolume(Dcm2niix):
     Defaults differ from Nipype's ``Dcm2niix``: no compression (qsmflow rewrites the image
     anyway), slices merged regardless of per-slice differences (``-m 1``; the folder holds one
     volume by construction), Philips display values (``-p n``: RescaleSlope/Intercept, so that
-    phase keeps the scanner's radian or milliradian scale), and the user's defaults file
-    ignored (``-g i``).
+    phase keeps the scanner's radian or milliradian scale; qsmflow asks for precise values,
+    ``philips_float=True``, for magnitude), and the user's defaults file ignored (``-g i``).
 
     >>> Dcm2niixVolume(source_dir=".", out_filename="vol").cmdline  # doctest: +ELLIPSIS
     '...dcm2niix -b y -z n -x n -t n -m 1 -g i -w 1 -f vol -o ... -p n -s n -v n .'
