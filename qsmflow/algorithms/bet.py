@@ -6,7 +6,9 @@ arrays, without FSL:
 1. Robust intensity range ``t2`` / ``t98`` (2nd and 98th percentiles), the "brain/background"
    threshold ``t = t2 + 0.1 (t98 - t2)``, the centre of gravity of the voxels above ``t``
    (intensities clamped at ``t98``), the radius of a sphere with the volume of those voxels, and
-   the median intensity ``tm`` of the voxels (between ``t2`` and ``t98``) inside that sphere.
+   the median intensity ``tm`` of the voxels inside that sphere; only voxels between ``t`` and
+   ``t98`` count for ``tm``, so the dark skull and the air inside the sphere (a large share of it
+   on GRE magnitude, where the skull gives no signal) do not pull ``tm`` below the tissue level.
 2. A tessellated sphere (an icosahedron subdivided four times: 2562 vertices, 5120 triangles) of
    half the estimated radius, centred on the centre of gravity.
 3. ``n_iterations`` updates of every vertex by ``u = u1 + u2 + u3``, with ``s`` the vector from
@@ -43,6 +45,18 @@ Everything is in millimetres: vertex ``i`` of an image with voxel sizes ``v`` si
 ``index * v`` (the array frame scaled by the voxel size, origin at the centre of voxel
 ``(0, 0, 0)``); map to scanner space with ``affine @ [p / v, 1]``. Anisotropic voxels are
 handled by sampling the image at ``p / v``.
+
+``robust`` (FSL ``-R``) re-runs BET from the centre of gravity of the previous mask until the
+centre moves less than 1 mm (at most 5 runs). The updates run in one numba kernel (compiled at
+the first call, cached on disk).
+
+On GRE magnitude (first echo) the CSF between brain and skull is darker than tissue (T1
+saturation at short TR) but much brighter than the skull, which gives no signal. With FSL's
+default ``frac = 0.5`` the surface then settles at the inner skull (the intracranial volume,
+outer CSF included) as FSL's ``bet`` would; higher ``frac`` (about 0.7) pulls it to the brain
+surface on 2 mm data but lets sulcal CSF, which the ``Imin`` search sees as well, pull it into
+the cortex at 1 mm. :func:`qsmflow.algorithms.masking.remove_outer_csf` takes the outer CSF out
+of a BET mask instead.
 
 Left out compared with FSL's ``bet2``: the skull and scalp surfaces (``betsurf``), the
 thresholded output ``-t`` and the other output images (this module returns a mask and,

@@ -166,10 +166,20 @@ def close_mm(mask: np.ndarray, radius_mm: float, voxel_size_mm: Sequence[float])
         raise ValueError(f"radius_mm must be >= 0, got {radius_mm}")
     if radius_mm == 0 or not m.any():
         return m.copy()
-    pad = [int(np.ceil(radius_mm / v)) + 1 for v in vox]
-    padded = np.pad(m, [(p, p) for p in pad])
+    # work on the bounding box plus the ball's reach (zero-padded where it leaves the array)
+    reach = [int(np.ceil(radius_mm / v)) + 1 for v in vox]
+    box, pads = [], []
+    for axis in range(m.ndim):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+        lo, hi = hit[0] - reach[axis], hit[-1] + 1 + reach[axis]
+        box.append(slice(max(lo, 0), min(hi, m.shape[axis])))
+        pads.append((max(-lo, 0), max(hi - m.shape[axis], 0)))
+    padded = np.pad(m[tuple(box)], pads)
     closed = ~dilate_mm(~dilate_mm(padded, radius_mm, vox), radius_mm, vox)
-    return closed[tuple(slice(p, -p) for p in pad)]
+    inner = tuple(slice(a, closed.shape[i] - b) for i, (a, b) in enumerate(pads))
+    out = np.zeros_like(m)
+    out[tuple(box)] = closed[inner]
+    return out
 
 
 def threshold_value(
