@@ -579,3 +579,19 @@ def test_remove_outer_csf_on_a_layered_ball():
         remove_outer_csf(image, np.zeros(image.shape, bool), vox)
     with pytest.raises(ValueError, match="shape"):
         remove_outer_csf(image, brain[:-1], vox)
+
+
+def test_brain_mask_takes_one_4d_file_and_rss(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    sim = interface_data["sim"]
+    stack = tmp_path / "mag4d.nii.gz"
+    nib.save(nib.Nifti1Image(sim.magnitude, sim.affine), stack)
+    res = BrainMask(in_file=str(stack), method="magnitude-threshold", echo_combination="rss").run(
+        cwd=str(tmp_path)
+    )
+    brain = nib.load(res.outputs.out_brain).get_fdata()
+    rss = np.sqrt((sim.magnitude.astype(np.float64) ** 2).sum(axis=3))
+    mask = nib.load(res.outputs.out_mask).get_fdata() > 0.5
+    np.testing.assert_allclose(brain[mask], rss[mask], rtol=1e-5)
+    assert _dice_file(res.outputs.out_mask, sim.mask) > 0.9
