@@ -22,7 +22,7 @@ from qsmflow.phantom import make_head_model
 from qsmflow.simulate import AcquisitionParams, rotation_matrix, simulate_acquisition
 
 TES = (0.004, 0.009, 0.014, 0.019)
-MATRIX, VOXEL = (32, 40, 10), (5.0, 5.0, 5.0)
+MATRIX, VOXEL = (32, 40, 8), (5.0, 5.0, 5.0)
 
 
 def _sim(n_coils=0, pitch=0.0, oblique=0.0, seed=0):

@@ -459,12 +459,10 @@ def scan_dicom(
     root = Path(dicom_dir).absolute()
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder; DICOM_DIR must be a folder of DICOM files")
-    paths = sorted(
-        Path(d) / f
-        for d, dirs, files in os.walk(root)
-        for f in files
-        if not f.startswith(".") and not any(p.startswith(".") for p in Path(d).parts[-1:])
-    )
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders skipped
+        paths += [Path(folder) / f for f in sorted(files) if not f.startswith(".")]
     scan = DicomScan([], {}, [], [], [])
     chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
     done = 0
