@@ -53,10 +53,15 @@ def field_to_ppm(field: np.ndarray, units: str, b0_tesla, name: str = "in_field"
 def load_field_and_mask(field_file: str, mask_file: str):
     """Load a field map and its mask; the error names both files when the grids differ."""
     field, img = load_nifti(field_file)
-    mask = load_nifti(mask_file, dtype=bool)[0]
+    mask, mask_img = load_nifti(mask_file, dtype=bool)
     if field.shape != mask.shape:
         raise ValueError(
             f"{mask_file}: mask shape {mask.shape} differs from field {field_file} shape "
             f"{field.shape}"
+        )
+    if not np.allclose(mask_img.affine, img.affine, atol=1e-3):
+        raise ValueError(
+            f"{mask_file}: mask affine differs from the affine of {field_file}; the mask must be "
+            "on the field's grid (resample it, e.g. with nearest neighbour, first)"
         )
     return field, mask, img

@@ -132,7 +132,7 @@ def init_qsm_wf(
         bfr = node(BackgroundRemoval(method=bfr_method), "background", 10)
         invert = node(DipoleInversion(method=inversion_method), "inversion", 25)
         wf.connect([
-            (fit, bfr, [("out_field_ppm", "in_field")]),
+            (fit, bfr, [("out_field_ppm", "in_field"), ("out_field_sd", "in_field_sd")]),
             (brain_mask, bfr, [("out_mask", "in_mask")]),
             (inputnode, bfr, [("b0_tesla", "b0_tesla")]),
             (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
