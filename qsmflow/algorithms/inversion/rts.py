@@ -114,7 +114,7 @@ def rts(
     rho: float = 10.0,
     tol: float = 1e-2,
     max_iter: int = 20,
-    lsmr_iter: int = 4,
+    lsmr_iter: int = 15,
     tau: float = 0.7,
     gamma: float = 5.0,
     pad_voxels: int = 4,
@@ -129,7 +129,7 @@ def rts(
     ``gamma`` (the scaled dual divided by it) whenever the primal residual
     ``sum_voxels |grad chi - z|`` exceeds ``tau`` times its previous value. The iterations stop
     when ``||chi_k - chi_{k-1}|| / ||chi_k|| < tol`` or after ``max_iter``. The defaults are the
-    published ones, for a field in ppm and voxel sizes in mm.
+    published ones, for a field in ppm and voxel sizes in mm, except ``lsmr_iter`` (below).
 
     Parameters
     ----------
@@ -152,7 +152,14 @@ def rts(
     max_iter : int
         Maximum ADMM iterations of step 2.
     lsmr_iter : int
-        LSMR iterations of step 1.
+        LSMR iterations of step 1. Kames et al. stop after 4; here 15 by default. Step 2
+        keeps only the frequencies where ``|D| > delta`` from step 1, where the inverse is
+        well conditioned (noise gain <= 1 / delta), so more iterations do not amplify noise
+        there; 4 leave those near ``delta`` under-converged and extended structures too weak.
+        Measured on the 2 mm head with the noise of a multi-echo fit at SNR 100 (demeaned
+        NRMSE, |1 - DGM slope|): 4 iterations 41.3 % / 0.22, 8: 29.8 % / 0.089, 15: 25.9 % /
+        0.080, 30: 25.6 % / 0.087 (TKD 44.6 % / 0.049); at 3x that noise 44.4 % / 0.22 with 4,
+        34.3 % / 0.080 with 15. Each iteration costs two real FFTs of the working grid.
     tau, gamma : float
         Penalty update: ``rho *= gamma`` when the primal residual falls by less than ``tau``.
     pad_voxels : int
