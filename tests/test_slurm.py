@@ -277,7 +277,7 @@ def dataset(tmp_path_factory):
     argv = [str(bids), "--subjects", "2", "--voxel-size", "4", "--echoes", "2", "--seed", "5"]
     assert simulate_main(argv) == 0
     fast_poll = root / "poll.yml"
-    fast_poll.write_text("poll_sleep_duration: 0.2\n")
+    fast_poll.write_text("poll_sleep_duration: 0.2\njob_finished_timeout: 1\n")
     return {"root": root, "bids": bids, "poll": fast_poll}
 
 
@@ -331,9 +331,10 @@ def _truncate_nifti(path: Path) -> bytes:
 def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
     slurm_env, dataset, multiproc_out, tmp_path, capsys
 ):
-    """SLURM plugin: a failing node is reported with its subject and crash file, the rerun
-    submits only the nodes that did not finish, the outputs equal MultiProc's; every job runs
-    through the --job-template wrapper and asks for its node's CPUs and memory."""
+    """SLURM plugin: failing nodes are reported with their subject, error and crash file (a
+    Python error in sub-02, a job of sub-01 that dies without a result: with its SLURM log);
+    the rerun submits only the nodes that did not finish and the outputs equal MultiProc's.
+    Every job runs through the --job-template wrapper and asks for its node's CPUs and memory."""
     bids = tmp_path / "bids"
     shutil.copytree(dataset["bids"], bids)
     data = {**dataset, "bids": bids}
@@ -341,7 +342,13 @@ def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
     original = _truncate_nifti(bad)
     log = tmp_path / "jobs.log"
     wrapper = tmp_path / "wrap.sh"
-    wrapper.write_text(f'#!/bin/sh\necho "$SLURM_JOB_ID $2" >> {log}\nexec "$@"\n')
+    kill = tmp_path / "kill-sub01-report"
+    kill.touch()
+    wrapper.write_text(
+        f'#!/bin/sh\necho "$SLURM_JOB_ID $2" >> {log}\n'
+        f'case "$2" in *sub_01_wf_ds_report.py) if [ -e {kill} ]; then\n'
+        '  echo "simulated: job killed" >&2; exit 137; fi;; esac\nexec "$@"\n'
+    )
     wrapper.chmod(0o755)
     template = tmp_path / "job.sh"
     template.write_text(f"#!/bin/bash\n#SBATCH --nice=0\n{wrapper} \\\n")
@@ -352,9 +359,14 @@ def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
     assert _app(data, out, *extra) == 1
     err = capsys.readouterr().err
     failed = [ln for ln in err.splitlines() if ln.startswith("  sub-")]
-    assert failed and all(ln.startswith("  sub-02: qsm_main_wf.unwrap") for ln in failed), err
-    crash = Path(err.split("crash file: ")[1].split()[0])
-    assert crash.exists() and "sub_02_wf" in crash.read_text()
+    assert len(failed) == 2, err
+    assert failed[0].startswith("  sub-01: ds_report: job ") and "without a result" in failed[0]
+    assert failed[1].startswith("  sub-02: qsm_main_wf.unwrap: ValueError: ")
+    assert str(bad) in failed[1] and "cannot read" in failed[1]
+    crashes = [Path(c.split()[0]) for c in err.split("crash file: ")[1:]]
+    assert [c.exists() for c in crashes] == [True, True]
+    assert "sub_02_wf" in crashes[1].read_text()
+    assert "job log: " in err and "simulated: job killed" in err
     assert "rerun the same command" in err
     deriv = out / "qsmflow"
     assert (deriv / "sub-01/anat/sub-01_Chimap.nii.gz").exists()
@@ -374,11 +386,12 @@ def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
     assert job["Partition"] == "debug" and job["TimeLimit"] == "00:30:00"
 
     bad.write_bytes(original)
+    kill.unlink()
     assert _app(data, out, *extra) == 0
     resubmitted = sorted(_node_of(ln) for ln in log.read_text().splitlines()[len(first) :])
-    # the failed node and what depends on it; sub-02's brain mask had finished
+    # the failed nodes and what depends on them; sub-02's brain mask had finished
     expected = ["background", "ds_report", "fit_field", "inversion", "reference", "unwrap"]
-    assert resubmitted == [("02", name) for name in expected]
+    assert resubmitted == [("01", "ds_report")] + [("02", name) for name in expected]
     assert {p: p.stat().st_mtime_ns for p in done_sub01} == done_sub01
     _assert_identical(deriv, multiproc_out)
     assert json.loads((deriv / "sub-02/anat/sub-02_Chimap.json").read_text())["Units"] == "ppm"

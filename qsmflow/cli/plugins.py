@@ -466,6 +466,31 @@ def configure_workflow(wf, execution: Execution, *, crash_dir: str | Path) -> No
     set_job_resources(wf, execution.plugin)
 
 
+class _TracebackLines:
+    """Mixin for Nipype's qsub-like plugins (SLURM, PBS, SGE, LSF): when a job ends without a
+    result file (killed for memory or time), Nipype 1.11 hands its crash report a traceback
+    string where a list of lines is expected and fails with a TypeError instead of reporting
+    the node; give it the lines."""
+
+    def _get_result(self, taskid):
+        result = super()._get_result(taskid)
+        if result and isinstance(result.get("traceback"), str):
+            result["traceback"] = result["traceback"].splitlines(keepends=True)
+        return result
+
+
+def plugin_instance(name: str, plugin_args: dict[str, Any]):
+    """The Nipype plugin object for ``name`` (batch plugins with :class:`_TracebackLines`)."""
+    from nipype.pipeline import plugins as nipype_plugins
+    from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
+
+    cls = getattr(nipype_plugins, f"{name}Plugin")
+    if issubclass(cls, SGELikeBatchManagerBase):
+        # same class name: Nipype derives the plugin's name from it
+        cls = type(cls.__name__, (_TracebackLines, cls), {"__module__": __name__})
+    return cls(plugin_args=plugin_args)
+
+
 def run_workflow(wf, execution: Execution, *, status_callback=None) -> None:
     """Run ``wf`` with the planned plugin (raises Nipype's RuntimeError when nodes failed)."""
     plugin_args = dict(execution.plugin_args)
@@ -474,7 +499,7 @@ def run_workflow(wf, execution: Execution, *, status_callback=None) -> None:
     if execution.plugin == "SLURM" and not os.environ.get("LOGNAME"):
         # Nipype's SLURM plugin names jobs after $LOGNAME, unset in some batch/container shells
         os.environ["LOGNAME"] = getpass.getuser()
-    wf.run(plugin=execution.plugin, plugin_args=plugin_args)
+    wf.run(plugin=plugin_instance(execution.plugin, plugin_args))
 
 
 @dataclass
