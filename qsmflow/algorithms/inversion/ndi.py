@@ -178,7 +178,7 @@ def ndi(
     stop: str = "cone",
     support: bool = True,
     b0_tesla: float = 3.0,
-    te_s: float = 0.005,
+    te_s: float | None = None,
     margin_mm: float = DEFAULT_MARGIN_MM,
     return_iterations: bool = False,
     n_threads: int = 1,
@@ -218,11 +218,12 @@ def ndi(
     code); it does not adapt to the noise. ``stop="none"`` runs ``max_iter`` iterations.
 
     Weights: ``W^2`` the squared magnitude normalised to 1 (Polak et al.; a noise-SD map can
-    be given instead). ``te_s`` defaults to 5 ms: with an unwrapped field as input the complex
-    model only helps while ``s |D chi - field|`` stays below pi (there ``sin`` bounds the pull
-    of outliers); at 20 ms (16 rad/ppm at 3 T) the 0.3 ppm fields of veins and calcifications
-    wrap and the descent stalls in local minima. While the residual stays well below a radian
-    the result in ppm does not depend on ``s``.
+    be given instead). ``te_s`` defaults to ``0.015 / b0_tesla`` (5 ms at 3 T), so that
+    ``s`` = 4.0 rad/ppm at every field strength: with an unwrapped field in ppm as input the
+    complex model only helps while ``s |D chi - field|`` stays below pi (there ``sin`` bounds
+    the pull of outliers, residuals beyond ~0.4 ppm); at 16 rad/ppm (20 ms at 3 T) the 0.3 ppm
+    fields of veins and calcifications wrap and the descent stalls in local minima. While the
+    residual stays well below a radian the result in ppm does not depend on ``s``.
 
     Parameters
     ----------
@@ -258,9 +259,9 @@ def ndi(
         unconstrained descent.
     b0_tesla : float
         Field strength (T) for the phase scale ``s``.
-    te_s : float
-        Reference echo time (s) for the phase scale ``s`` (default 5 ms, see above). Keep
-        ``s`` times the largest local field below pi.
+    te_s : float, optional
+        Reference echo time (s) for the phase scale ``s``; default ``0.015 / b0_tesla``
+        (4.0 rad/ppm, see above). Keep ``s`` times the largest local field below pi.
     margin_mm : float
         Zero margin around the mask's bounding box before the FFTs (mm).
     return_iterations : bool
@@ -301,6 +302,10 @@ def ndi(
     tol = _check_positive("tol", tol, allow_zero=True)
     if stop not in ("gradient", "cone", "none"):
         raise ValueError(f"stop must be 'cone', 'gradient' or 'none', got {stop!r}")
+    if te_s is None:
+        if not (np.isfinite(b0_tesla) and b0_tesla > 0):
+            raise ValueError(f"b0_tesla must be positive, got {b0_tesla}")
+        te_s = 0.015 / float(b0_tesla)
     scale = phase_scale_rad_per_ppm(b0_tesla, te_s)
     if not np.isfinite(margin_mm) or margin_mm < 0:
         raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
