@@ -65,6 +65,7 @@ CASES = {
     ],
     "SIECOIL": [(DicomFlavour("siemens"), "coils", "gre_qsm_uncombined", "120000.000000")],
     "SIEMF": [(DicomFlavour("siemens", multiframe=True), "ori2", "gre_qsm", "120000.000000")],
+    "SIEMFCOIL": [(DicomFlavour("siemens", multiframe=True), "coils", "gre_qsm", "120000.000000")],
     "PHI": [(DicomFlavour("philips"), "ori1", "FFE_4echo", "120000.000000")],
     "PHIMF": [(DicomFlavour("philips", multiframe=True), "ori2", "FFE_4echo", "120000.000000")],
     "GE": [(DicomFlavour("ge", parts=("real", "imag")), "ori2", "QSM", "120000.000000")],
@@ -149,6 +150,7 @@ EXPECTED = {
     ("SIE", 2): "ori2",
     ("SIECOIL", None): "coils",
     ("SIEMF", None): "ori2",
+    ("SIEMFCOIL", None): "coils",
     ("PHI", None): "ori1",
     ("PHIMF", None): "ori2",
     ("GE", None): "ori2",
@@ -207,7 +209,7 @@ def test_round_trip_matches_simulation(converted, sims, subject, run):
             assert np.abs(mag - true_mag).max() <= mag_step / 2 * 1.001 + 1e-6
             err = np.abs(_wrap(phase - true_phase)).max()
             assert err <= PHASE_STEP[vendor] / 2 * 1.01 + 1e-6, err
-        if subject == "SIECOIL":
+        if "COIL" in subject:
             assert side_p["ReceiveCoilActiveElements"] == "H1,H2"
 
 
@@ -228,8 +230,9 @@ def test_t1w_and_coil_dimension(converted, sims):
     t1, _ = _to_reference(t1, aff, sims["t1"].affine)
     step = float(sims["t1"].magnitude.max()) * 1.05 / 4095
     assert np.abs(t1 - sims["t1"].magnitude[..., 0]).max() <= step / 2 * 1.001 + 1e-6
-    coil = nib.load(bids / "sub-SIECOIL/anat/sub-SIECOIL_echo-1_part-phase_MEGRE.nii.gz")
-    assert coil.shape == (*MATRIX, 2)
+    for subject in ("SIECOIL", "SIEMFCOIL"):
+        coil = nib.load(bids / f"sub-{subject}/anat/sub-{subject}_echo-1_part-phase_MEGRE.nii.gz")
+        assert coil.shape == (*MATRIX, 2)
 
 
 def _validate(path: Path):

@@ -9,9 +9,9 @@ classified by
   private image type (2005,1011) or the ImageType values (Siemens ``M``/``P``, Philips
   ``M_FFE``/``P_FFE``, ``PHASE``, ``REAL``, ``IMAGINARY``);
 * echo: rank of its echo time within the acquisition (EchoNumbers when no echo time is given);
-* receive coil: the Siemens coil element string (0051,100F) or the CSA ``ImaCoilString``; an
-  acquisition whose images carry several elements at one slice position holds uncombined
-  channels;
+* receive coil: the Siemens coil element string (0051,100F), the CSA ``ImaCoilString`` or,
+  in enhanced frames, the one element used in the MR Receive Coil macro; an acquisition whose
+  images carry several elements at one slice position holds uncombined channels;
 * slice: the position of ImagePositionPatient along the slice normal.
 
 Images are grouped into acquisitions by patient, study, protocol, acquisition start time and
@@ -290,6 +290,22 @@ def _coil_string(ds) -> str | None:
     return value or None
 
 
+def _frame_coil(frame) -> str | None:
+    """Receive-coil element of an enhanced frame: the one element marked used in its
+    MR Receive Coil macro (MultiCoilDefinitionSequence), else None."""
+    if frame is None:
+        return None
+    for coil in frame.get("MRReceiveCoilSequence") or ():
+        used = [
+            _text(el.get("MultiCoilElementName"))
+            for el in coil.get("MultiCoilDefinitionSequence") or ()
+            if _text(el.get("MultiCoilElementUsed")).upper() == "YES"
+        ]
+        if len(used) == 1:
+            return used[0]
+    return None
+
+
 def _series_info(ds, path: Path, multiframe: bool) -> SeriesInfo:
     spacing = ds.get("PixelSpacing")
     if spacing is None and multiframe:
@@ -430,7 +446,7 @@ def _read_images(path: Path, known: set[str]) -> tuple[SeriesInfo | None, list[I
                 part=_classify_part(ds, fr),
                 echo_number=None,
                 echo_time_ms=_float(te),
-                coil=None,
+                coil=_frame_coil(fr),
                 # frames without geometry (anonymised files) are stacked in file order
                 position=pos if pos is not None else (0.0, 0.0, float(f)),
                 orientation=orient or (1.0, 0, 0, 0, 1.0, 0),

@@ -22,6 +22,7 @@ ImagePositionPatient the centre of each slice's first voxel.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,8 +169,8 @@ def write_simulated_dicom(
     out_dir.mkdir(parents=True, exist_ok=True)
     coils = sim.magnitude.ndim == 5
     n_coils = sim.magnitude.shape[4] if coils else 1
-    if coils and (flavour.vendor != "siemens" or flavour.multiframe):
-        raise ValueError("uncombined coils are written for the classic Siemens flavour only")
+    if coils and flavour.vendor != "siemens":
+        raise ValueError("uncombined coils are written for the Siemens flavour only")
     nx, ny, nz = sim.magnitude.shape[:3]
     n_echoes = sim.magnitude.shape[3]
     mag_max = float(np.abs(sim.magnitude).max()) * 1.05 or 1.0
@@ -370,41 +371,51 @@ def write_simulated_dicom(
         frames, pixels = [], []
         for part in parts:
             data, slope, intercept, signed, bits = stored[part]
-            for e in range(n_echoes):
-                for k in range(nz):
-                    if (part, e + 1, k) in omit_set:
-                        continue
-                    fr = Dataset()
-                    content = Dataset()
-                    content.StackID = "1"
-                    content.InStackPositionNumber = k + 1
-                    # one temporal position per echo and part, so each volume is one index
-                    content.TemporalPositionIndex = parts.index(part) * n_echoes + e + 1
-                    content.DimensionIndexValues = [k + 1, parts.index(part) * n_echoes + e + 1]
-                    fr.FrameContentSequence = DicomSequence([content])
-                    pos = Dataset()
-                    pos.ImagePositionPatient = positions[k]
-                    fr.PlanePositionSequence = DicomSequence([pos])
-                    echo = Dataset()
-                    echo.EffectiveEchoTime = te_ms[e]
-                    fr.MREchoSequence = DicomSequence([echo])
-                    ftype = Dataset()
-                    ftype.FrameType = image_type(part)[:3] + ["NONE"]
-                    ftype.PixelPresentation = "MONOCHROME"
-                    ftype.VolumetricProperties = "VOLUME"
-                    ftype.VolumeBasedCalculationTechnique = "NONE"
-                    ftype.ComplexImageComponent = _COMPLEX_COMPONENT[part]
-                    ftype.AcquisitionContrast = "T2_STAR"
-                    fr.MRImageFrameTypeSequence = DicomSequence([ftype])
-                    pvt = Dataset()
-                    pvt.RescaleIntercept = intercept
-                    pvt.RescaleSlope = slope
-                    pvt.RescaleType = "US"
-                    fr.PixelValueTransformationSequence = DicomSequence([pvt])
-                    if flavour.vendor in ("ge", "philips"):
-                        vendor_private(fr, part, None)
-                    frames.append(fr)
-                    pixels.append(np.ascontiguousarray(data[..., e][:, :, k].T))
+            for c, e, k in itertools.product(range(n_coils), range(n_echoes), range(nz)):
+                if (part, e + 1, k) in omit_set:
+                    continue
+                # one temporal position per part, coil and echo: each volume is one index
+                volume = (parts.index(part) * n_coils + c) * n_echoes + e + 1
+                fr = Dataset()
+                content = Dataset()
+                content.StackID = "1"
+                content.InStackPositionNumber = k + 1
+                content.TemporalPositionIndex = volume
+                content.DimensionIndexValues = [k + 1, volume]
+                fr.FrameContentSequence = DicomSequence([content])
+                pos = Dataset()
+                pos.ImagePositionPatient = positions[k]
+                fr.PlanePositionSequence = DicomSequence([pos])
+                echo = Dataset()
+                echo.EffectiveEchoTime = te_ms[e]
+                fr.MREchoSequence = DicomSequence([echo])
+                ftype = Dataset()
+                ftype.FrameType = image_type(part)[:3] + ["NONE"]
+                ftype.PixelPresentation = "MONOCHROME"
+                ftype.VolumetricProperties = "VOLUME"
+                ftype.VolumeBasedCalculationTechnique = "NONE"
+                ftype.ComplexImageComponent = _COMPLEX_COMPONENT[part]
+                ftype.AcquisitionContrast = "T2_STAR"
+                fr.MRImageFrameTypeSequence = DicomSequence([ftype])
+                pvt = Dataset()
+                pvt.RescaleIntercept = intercept
+                pvt.RescaleSlope = slope
+                pvt.RescaleType = "US"
+                fr.PixelValueTransformationSequence = DicomSequence([pvt])
+                if coils:  # the standard MR Receive Coil macro, per frame: the element used
+                    element = Dataset()
+                    element.MultiCoilElementName = f"H{c + 1}"
+                    element.MultiCoilElementUsed = "YES"
+                    coil = Dataset()
+                    coil.ReceiveCoilName = "Head_32"
+                    coil.ReceiveCoilType = "MULTICOIL"
+                    coil.MultiCoilDefinitionSequence = DicomSequence([element])
+                    fr.MRReceiveCoilSequence = DicomSequence([coil])
+                if flavour.vendor in ("ge", "philips"):
+                    vendor_private(fr, part, None)
+                frames.append(fr)
+                vol = data[..., e, c] if coils else data[..., e]
+                pixels.append(np.ascontiguousarray(vol[:, :, k].T))
         ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
         ds.NumberOfFrames = len(frames)
         # the file-level pixel format is that of the first part; parts share it by design
