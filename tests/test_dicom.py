@@ -404,3 +404,41 @@ def test_unknown_phase_scaling_fails_that_scan_only(sims, tmp_path, capsys):
     assert "failed: sub-QSM01" in err and "matches no known encoding" in err
     assert not [p for p in (bids / "sub-QSM01").rglob("*") if p.is_file()]
     assert len(list((bids / "sub-OK/anat").glob("*.nii.gz"))) == 2 * len(TES)
+
+
+def _series(manufacturer: str):
+    from qsmflow.dicom.sort import SeriesInfo
+
+    return SeriesInfo(
+        *("1.2.3", "1.2", "P", "P", "20240101", 1, "d", "p", manufacturer, 3.0, "120000"),
+        image_type=("ORIGINAL", "PRIMARY", "P"),
+        multiframe=False,
+        rows=4,
+        columns=4,
+        pixel_spacing=(1.0, 1.0),
+        transfer_syntax="1.2.840.10008.1.2.1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("manufacturer", "rescale", "encoding", "stored", "radians"),
+    [
+        ("SIEMENS", (2.0, -4096.0), "-4096..4095", [-4096, 0, 2048], [-np.pi, 0, np.pi / 2]),
+        ("SIEMENS", (1.0, 0.0), "0..4095", [0, 2048, 3072], [-np.pi, 0, np.pi / 2]),
+        ("Philips Medical Systems", (0.0015, -np.pi), "radians", [-np.pi, 0, 1.0], [-np.pi, 0, 1]),
+        ("Philips", (1.534, -1000 * np.pi), "milliradians", [-3141, 0, 1000], [-3.141, 0, 1]),
+        ("GE MEDICAL SYSTEMS", (1.0, 0.0), "milliradians", [-3141, 0, 1500], [-3.141, 0, 1.5]),
+        ("ACME", (1.0, 0.0), "auto", [-180, 0, 90], [-np.pi, 0, np.pi / 2]),
+    ],
+)
+def test_vendor_phase_encodings(manufacturer, rescale, encoding, stored, radians):
+    from qsmflow.dicom.convert import _to_radians, phase_encoding
+
+    assert phase_encoding(_series(manufacturer), rescale) == encoding
+    # a wrapped phase image spans the encoding's whole range
+    full = {"radians": np.pi, "milliradians": 1000 * np.pi, "auto": 180}
+    values = np.array(stored, dtype=np.float32)
+    if encoding in full:
+        values = np.concatenate([values, [full[encoding] * 0.999]]).astype(np.float32)
+    got = _to_radians(values, encoding, "test")[: len(radians)]
+    np.testing.assert_allclose(got, radians, atol=1e-3)
