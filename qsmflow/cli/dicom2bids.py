@@ -74,15 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(quiet: bool):
-    """Header reading updates one line; each converted volume prints its own line."""
+    """Header reading updates one line (on a terminal; else one line at the end); each
+    converted volume prints its own line."""
+    tty = sys.stderr.isatty()
 
     def show(done: int, total: int, label: str) -> None:
         if quiet:
             return
-        inline = label.startswith("read") and done < total
-        print(
-            f"[{done}/{total}] {label}", end="\r" if inline else "\n", file=sys.stderr, flush=True
-        )
+        if label.startswith("read") and done < total:
+            if tty:
+                print(f"[{done}/{total}] {label}", end="\r", file=sys.stderr, flush=True)
+            return
+        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
     return show
 
