@@ -60,7 +60,7 @@ class Dcm2niixVolume(Dcm2niix):
     ``philips_float=True``, for magnitude), and the user's defaults file ignored (``-g i``).
 
     >>> Dcm2niixVolume(source_dir=".", out_filename="vol").cmdline  # doctest: +ELLIPSIS
-    '...dcm2niix -b y -z n -x n -t n -m 1 -g i -w 1 -f vol -o ... -p n -s n -v n .'
+    '...dcm2niix -b y -z n -x n -t n -g i -m 1 -w 1 -f vol -o . -p n -s n -v n .'
     """
 
     input_spec = _Dcm2niixVolumeInputSpec
