@@ -7,7 +7,8 @@ against the simulator's ground truth:
 * ``siemens``: magnitude and phase in two series (the phase series numbered one higher),
   ImageType ``M``/``P``; phase as 12-bit integers with RescaleSlope 2 and RescaleIntercept
   -4096 (``-4096..4094`` <-> ``-pi..pi``); uncombined receive channels as separate images with
-  the coil element name in the private tag (0051,100F).
+  the coil element name in the private tag (0051,100F) (classic files) or in the per-frame
+  MR Receive Coil macro (multi-frame files).
 * ``ge``: one series; the private tag (0043,102F) gives the image type (0 magnitude, 1 phase,
   2 real, 3 imaginary); real/imaginary pairs by default, phase in milliradians otherwise.
 * ``philips``: one series holding both parts; ImageType ``M_FFE``/``P_FFE`` and the private
