@@ -14,9 +14,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -416,6 +418,27 @@ def test_slurmgraph_matches_multiproc(slurm_env, dataset, multiproc_out, tmp_pat
     assert len([j for j in slurm_env.jobs() if str(out) in j.get("Command", "")]) == len(graph_jobs)
 
 
+@pytest.mark.slow
+def test_multiproc_sizes_itself_inside_a_real_allocation(slurm_env, dataset, tmp_path):
+    """qsmflow started in an sbatch job with 2 CPUs and 2000 MiB plans MultiProc with them."""
+    log = tmp_path / "job.out"
+    cmd = [sys.executable, "-m", "qsmflow.cli.run", str(dataset["bids"]), str(tmp_path / "o")]
+    cmd += ["participant", "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--cpus-per-task=2", "--mem=2000M", f"--output={log}"]
+        + ["--wrap", shlex.join(cmd)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr + log.read_text()
+    job = proc.stdout.split()[-1]
+    expected = f"execution: MultiProc (2 processes; {round(0.9 * 2000 / 1024, 2)} GB; "
+    assert expected + f"sized from SLURM allocation {job})" in log.read_text()
+
+
 # ------------------------------------------------------------------------------ bad input
 def _args(**kw) -> argparse.Namespace:
     base = dict(
@@ -479,7 +502,9 @@ def test_missing_sbatch_and_unreachable_controller(tmp_path, monkeypatch):
         "PartitionName=p Nodes=localhost\n"
     )
     monkeypatch.setenv("SLURM_CONF", str(conf))
-    with pytest.raises(ValueError, match="SLURM controller does not answer"):
+    with pytest.raises(
+        ValueError, match=r"SLURM controller does not answer \(.scontrol ping.: .*DOWN\)"
+    ):
         plugins.plan_execution(_args(plugin="SLURM"))
 
 

@@ -289,7 +289,8 @@ def check_scheduler(
         except subprocess.TimeoutExpired:
             ping = None
         text = "" if ping is None else (ping.stdout + ping.stderr).strip()
-        if ping is None or ping.returncode != 0 or "UP" not in text:
+        if ping is None or ping.returncode != 0 or not re.search(r"\bis UP\b", text):
+            text = text.splitlines()[0] if text else ""
             raise ValueError(
                 f"--plugin {plugin}: the SLURM controller does not answer ('scontrol ping': "
                 f"{text or 'timed out'}); check that slurmctld is running and that SLURM_CONF "
