@@ -13,6 +13,14 @@ CITATIONS: dict[str, str] = {
     "bet": "Smith SM. Fast robust automated brain extraction. Hum Brain Mapp 2002;17:143-155.",
     "threshold": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans "
     "Syst Man Cybern 1979;9:62-66.",
+    "fsl-bet": "Smith SM. Fast robust automated brain extraction. Hum Brain Mapp 2002;17:143-155; "
+    "Jenkinson M et al. FSL. NeuroImage 2012;62:782-790.",
+    "magnitude-threshold": "Otsu N. A threshold selection method from gray-level histograms. "
+    "IEEE Trans Syst Man Cybern 1979;9:62-66.",
+    "phase-quality": "Stewart AW et al. QSMxT: Robust masking and artifact reduction for "
+    "quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300; Dymerska B et al. "
+    "Phase unwrapping with a rapid opensource minimum spanning tree algorithm (ROMEO). Magn "
+    "Reson Med 2021;85:2294-2308.",
     "region-growing": "Dymerska B et al. Phase unwrapping with a rapid opensource minimum spanning "
     "tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
     "laplacian": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric "
