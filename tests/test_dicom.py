@@ -442,3 +442,18 @@ def test_vendor_phase_encodings(manufacturer, rescale, encoding, stored, radians
         values = np.concatenate([values, [full[encoding] * 0.999]]).astype(np.float32)
     got = _to_radians(values, encoding, "test")[: len(radians)]
     np.testing.assert_allclose(got, radians, atol=1e-3)
+
+
+def test_patient_ids_that_collide_as_labels_are_refused(sims, tmp_path, capsys):
+    for pid in ("A-1", "A_1"):
+        write_simulated_dicom(
+            sims["ori1"], tmp_path / "in" / pid, DicomFlavour("ge"), patient_id=pid
+        )
+    assert dicom2bids([str(tmp_path / "in"), str(tmp_path / "ds"), "--dry-run"]) == 1
+    assert "would all become sub-A1" in capsys.readouterr().err
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"participants": {"A-1": "a", "A_1": "b"}}))
+    args = [str(tmp_path / "in"), str(tmp_path / "ds"), "--dry-run", "--mapping", str(mapping)]
+    assert dicom2bids(args) == 0
+    out = capsys.readouterr().out
+    assert "sub-a/anat/sub-a_echo-1_part-mag_MEGRE" in out and "sub-b/anat/" in out

@@ -188,6 +188,19 @@ def plan_names(
             f"holds {len(patients)} patients ({', '.join(patients[:5])}); convert them one by "
             "one or give their labels in a mapping file"
         )
+    owners: dict[str, set[str]] = {}
+    table = mapping.get("participants", {})
+    for p in planned:
+        info = p.acquisition.info
+        if info.patient_id not in table and info.patient_name not in table:  # mapped: wanted
+            owners.setdefault(p.entities["sub"], set()).add(info.patient_id)
+    if not participant_label:
+        for sub, ids in owners.items():
+            if len(ids) > 1:
+                raise ValueError(
+                    f"patients {', '.join(sorted(ids))} would all become sub-{sub}; give them "
+                    "distinct labels in a mapping file ('participants')"
+                )
     _assign_sessions(planned, session, mapping)
     _assign_runs(planned)
     for plan in planned:
