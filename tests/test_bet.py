@@ -265,6 +265,19 @@ def test_bet_head_dice(head, head_bet):
     assert dice(tight, head["mask"]) > 0.95  # measured 0.98
 
 
+def test_bet_finds_the_brain_surface_on_a_t1_like_contrast(head):
+    """Same anatomy with dark CSF (T1-weighted-like): f = 0.5 stops at the brain surface."""
+    values = {1: 0.75, 2: 0.8, 3: 0.75, 4: 0.8, 5: 0.8, 6: 0.8, 7: 0.8, 8: 1.0, 9: 0.7}
+    values.update({10: 0.2, 11: 0.5, 13: 0.05, 14: 0.0, 15: 0.6, 16: 0.3})
+    lut = np.zeros(17, np.float32)
+    for label, value in values.items():
+        lut[label] = value
+    image = ndimage.gaussian_filter(lut[head["seg"]], 0.25)
+    image += np.abs(np.random.default_rng(9).normal(0, 0.03, image.shape)).astype(np.float32)
+    mask = bet(image, head["vox"])
+    assert dice(mask, head["mask"]) > 0.95  # measured 0.964
+
+
 def test_bet_then_remove_outer_csf_matches_the_brain(head, head_bet):
     from qsmflow.algorithms.masking import remove_outer_csf
 
