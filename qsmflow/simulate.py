@@ -146,10 +146,23 @@ class SimulatedAcquisition:
     phase_offset_rad: np.ndarray
     coil_sensitivity: np.ndarray | None = None
     head_rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
+    #: with anisotropic white matter: tensor (x, y, z, 6) ppm in the voxel frame (components
+    #: xx, xy, xz, yy, yz, zz) and unit fibre directions (x, y, z, 3), zero outside WM
+    chi_tensor_ppm: np.ndarray | None = None
+    fibre_dir: np.ndarray | None = None
 
     @property
     def complex_signal(self) -> np.ndarray:
         return (self.magnitude * np.exp(1j * self.phase)).astype(np.complex64)
+
+    @property
+    def chi33_ppm(self) -> np.ndarray:
+        """Apparent susceptibility along B0, ``b0^T X b0`` (ppm); ``chi_ppm`` if isotropic."""
+        if self.chi_tensor_ppm is None:
+            return self.chi_ppm
+        from .algorithms.multi_orientation.sti import project_tensor
+
+        return project_tensor(self.chi_tensor_ppm, self.b0_dir)
 
 
 def rotation_matrix(
@@ -264,6 +277,7 @@ def simulate_acquisition(
     rng: np.random.Generator | None = None,
     margin_mm: float = 32.0,
     n_threads: int = 1,
+    wm_anisotropy_ppm: float = 0.0,
 ) -> SimulatedAcquisition:
     """Simulate one multi-echo GRE acquisition of ``model`` with protocol ``params``.
 
@@ -283,6 +297,10 @@ def simulate_acquisition(
         Extra simulated extent around the field of view for the background field.
     n_threads : int
         FFT workers.
+    wm_anisotropy_ppm : float
+        chi_parallel - chi_perpendicular of white matter (ppm); 0 (default) keeps the phantom
+        isotropic. Non-zero adds a tensor about a fibre direction field
+        (:mod:`qsmflow.anisotropy`) to the fields; ``chi_ppm`` stays the mean susceptibility.
     """
     rng = np.random.default_rng(0) if rng is None else rng
     rot = np.eye(3) if head_rotation is None else np.asarray(head_rotation, dtype=np.float64)
@@ -305,6 +323,7 @@ def simulate_acquisition(
     maps = tissue_maps(model, labels, *head, b0_tesla=params.b0_tesla)
     labels = labels.reshape(ext_shape)
     chi_ext = maps["chi_ppm"].reshape(ext_shape)
+    head_fov = [h.reshape(ext_shape)[crop] for h in head] if wm_anisotropy_ppm else None
     del head
 
     # Total field: susceptibility relative to the surrounding air (zero outside the grid).
@@ -338,6 +357,26 @@ def simulate_acquisition(
     chi_brain = np.where(mask, chi - np.float32(chi[mask].mean()), np.float32(0))
     local = forward_field(chi_brain, vox, b0_dir, pad_factor=2.0, n_threads=n_threads)
     del chi_brain
+    tensor = fibres = None
+    if wm_anisotropy_ppm:
+        from .anisotropy import anisotropic_wm
+        from .phantom import WM
+
+        head_to_voxel = (affine[:3, :3] / vox).T @ rot
+        tensor, fibres, aniso_field = anisotropic_wm(
+            chi,
+            seg == WM,
+            head_fov,
+            model.scale,
+            head_to_voxel,
+            wm_anisotropy_ppm,
+            vox,
+            b0_dir,
+            n_threads=n_threads,
+        )
+        del head_fov
+        total += aniso_field
+        local += aniso_field
 
     if params.shim_order >= 0:
         idx = np.flatnonzero(mask.ravel())[:: max(1, int(mask.sum()) // 200_000)]
@@ -403,6 +442,8 @@ def simulate_acquisition(
         phase_offset_rad=offsets,
         coil_sensitivity=sens,
         head_rotation=rot,
+        chi_tensor_ppm=tensor,
+        fibre_dir=fibres,
     )
 
 
@@ -482,11 +523,16 @@ def simulate_dataset(
     overwrite: bool = False,
     n_threads: int = 1,
     progress=None,
+    wm_anisotropy_ppm: float = 0.0,
 ) -> Path:
     """Write a simulated BIDS dataset with ground truth under ``derivatives/qsmflow-simulate``.
 
     The dataset is assembled in a temporary sibling folder and moved into place at the end, so
     an interrupted run leaves no partial dataset. Deterministic for a given ``seed``.
+
+    ``wm_anisotropy_ppm`` > 0 simulates anisotropic white matter (see
+    :func:`simulate_acquisition`) and adds the true tensor (``desc-tensor_Chimap``, 4-D, six
+    components) and chi33 (``desc-chi33_Chimap``) to the ground truth of each orientation.
 
     Returns the dataset path.
     """
@@ -511,7 +557,15 @@ def simulate_dataset(
         raise PermissionError(f"{out_dir}: cannot write here ({exc.strerror})") from exc
     try:
         _write_dataset(
-            staging, params, n_subjects, n_sessions, n_orientations, seed, n_threads, progress
+            staging,
+            params,
+            n_subjects,
+            n_sessions,
+            n_orientations,
+            seed,
+            n_threads,
+            progress,
+            wm_anisotropy_ppm=wm_anisotropy_ppm,
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -522,13 +576,27 @@ def simulate_dataset(
     return out_dir
 
 
-def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n_threads, progress):
+def _write_dataset(
+    root,
+    params,
+    n_subjects,
+    n_sessions,
+    n_orientations,
+    seed,
+    n_threads,
+    progress,
+    *,
+    wm_anisotropy_ppm=0.0,
+):
     settings = (
         f"{n_subjects} subject(s), {n_sessions} session(s), {n_orientations} orientation(s), "
         f"matrix {tuple(params.matrix)}, voxel {tuple(params.voxel_size_mm)} mm, "
         f"TE {tuple(params.echo_times_s)} s, B0 {params.b0_tesla} T, SNR {params.snr}, "
         f"coils {params.n_coils}, oblique {params.oblique_deg} deg, seed {seed}"
     )
+    if wm_anisotropy_ppm:
+        settings += f", white-matter anisotropy {wm_anisotropy_ppm} ppm"
+
     generated = {"Name": "qsmflow-simulate", "Version": __version__}
     write_dataset_description(
         root,
@@ -595,6 +663,7 @@ def _write_dataset(root, params, n_subjects, n_sessions, n_orientations, seed, n
                     head_shift_mm=shift,
                     rng=rng,
                     n_threads=n_threads,
+                    wm_anisotropy_ppm=wm_anisotropy_ppm,
                 )
                 ent = {"sub": sub, "ses": ses, "acq": acq}
                 _write_acquisition(root, gt_root, ent, sim, pitch, roll)
@@ -649,6 +718,8 @@ def _write_acquisition(
         (sim.segmentation, "dseg", {"desc": "phantom"}, "anat", {"Description": _DSEG_DESCRIPTION}),
         (sim.r2star_hz, "R2starmap", {}, "anat", {"Units": "Hz", "Description": "True R2*"}),
     ]
+    if sim.chi_tensor_ppm is not None:
+        outputs += _tensor_outputs(sim)
     for desc, field_ppm, text in (
         ("total", sim.total_field_ppm, "True total field (background + local, after shimming)"),
         ("local", sim.local_field_ppm, "True local field of the brain's own sources"),
@@ -675,3 +746,29 @@ def _write_acquisition(
         write_json(
             {**side, **common}, gt_root / rel.with_name(rel.name.replace(".nii.gz", ".json"))
         )
+
+
+def _tensor_outputs(sim: SimulatedAcquisition) -> list:
+    """Ground truth of anisotropic white matter: the tensor (4-D) and chi33 along B0."""
+    frame = "voxel (array) axes of this image; components xx, xy, xz, yy, yz, zz"
+    return [
+        (
+            sim.chi_tensor_ppm,
+            "Chimap",
+            {"desc": "tensor"},
+            "anat",
+            {
+                "Units": "ppm",
+                "Description": "True susceptibility tensor (mean = Chimap; anisotropic WM)",
+                "TensorComponents": ["xx", "xy", "xz", "yy", "yz", "zz"],
+                "TensorFrame": frame,
+            },
+        ),
+        (
+            sim.chi33_ppm,
+            "Chimap",
+            {"desc": "chi33"},
+            "anat",
+            {"Units": "ppm", "Description": "True apparent susceptibility along B0 (chi33)"},
+        ),
+    ]
