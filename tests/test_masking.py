@@ -595,3 +595,30 @@ def test_brain_mask_takes_one_4d_file_and_rss(interface_data, tmp_path):
     mask = nib.load(res.outputs.out_mask).get_fdata() > 0.5
     np.testing.assert_allclose(brain[mask], rss[mask], rtol=1e-5)
     assert _dice_file(res.outputs.out_mask, sim.mask) > 0.9
+
+
+def test_two_pass_combine_interface_keeps_masks_nested(tmp_path):
+    from qsmflow.interfaces import TwoPassCombine
+
+    affine = np.eye(4)
+    a = np.full((6, 6, 6), 1.0, np.float32)
+    b = np.full((6, 6, 6), 2.0, np.float32)
+    filled = np.zeros((6, 6, 6), np.uint8)
+    filled[1:5, 1:5, 1:5] = 1
+    reliable = np.zeros((6, 6, 6), np.uint8)
+    reliable[2:6, 2:6, 2:6] = 1  # sticks out of the filled mask
+    paths = []
+    for name, arr in (("a", a), ("b", b), ("f", filled), ("r", reliable)):
+        paths.append(str(tmp_path / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(arr, affine), paths[-1])
+    out = nib.load(
+        TwoPassCombine(
+            in_chi_filled=paths[0],
+            in_chi_reliable=paths[1],
+            in_filled_mask=paths[2],
+            in_reliable_mask=paths[3],
+        )
+        .run(cwd=str(tmp_path))
+        .outputs.out_chi
+    ).get_fdata()
+    assert out[5, 5, 5] == 0 and out[3, 3, 3] == 2.0 and out[1, 1, 1] == 1.0

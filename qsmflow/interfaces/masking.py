@@ -435,7 +435,9 @@ class TwoPassCombine(SimpleInterface):
     """Combine the two passes of QSMxT's artefact reduction (Stewart et al., MRM 2022).
 
     The reliable-mask map inside the reliable mask, the filled-mask map in the filled holes
-    (see :func:`qsmflow.algorithms.masking.two_pass_combine`).
+    (see :func:`qsmflow.algorithms.masking.two_pass_combine`); zero outside the filled mask.
+    Give each pass's own final mask (after background removal); reliable voxels outside the
+    filled mask are dropped with a warning.
     """
 
     input_spec = _TwoPassCombineInputSpec
@@ -452,12 +454,16 @@ class TwoPassCombine(SimpleInterface):
                     f"{name} {path}: shape {arrays[name].shape} differs from in_chi_filled "
                     f"{self.inputs.in_chi_filled} {chi_filled.shape}"
                 )
-        chi = masking.two_pass_combine(
-            chi_filled,
-            arrays["in_chi_reliable"],
-            arrays["in_filled_mask"],
-            arrays["in_reliable_mask"],
-        )
+        filled, reliable = arrays["in_filled_mask"], arrays["in_reliable_mask"]
+        outside = np.count_nonzero(reliable & ~filled)
+        if outside:
+            # background removal erodes each pass's mask on its own; keep the nesting
+            IFLOGGER.warning(
+                "TwoPassCombine: %d reliable-mask voxels lie outside the filled mask; ignored",
+                outside,
+            )
+            reliable = reliable & filled
+        chi = masking.two_pass_combine(chi_filled, arrays["in_chi_reliable"], filled, reliable)
         path = output_path(runtime.cwd, self.inputs.in_chi_filled, "twopass")
         save_nifti(chi, img.affine, path, header=img.header)
         self._results["out_chi"] = path
