@@ -7,7 +7,8 @@ volume whatever dcm2niix calls it. Then
 
 * Philips magnitude is taken as precise floating-point values (dcm2niix ``-p y``) and phase
   as display values (``-p n``);
-* phase is converted to radians with the vendor's encoding
+* phase is converted to radians with the vendor's encoding (Siemens integer phase is kept
+  as int16 with a NIfTI scale of pi/4096 rad per step, exactly the DICOM values)
   (:func:`qsmflow.algorithms.echoes.phase_scaling.phase_to_radians`): Siemens
   ``-4096..4095`` (RescaleSlope 2, RescaleIntercept -4096) or raw ``0..4095``; Philips display
   values in radians or milliradians from RescaleSlope/RescaleIntercept (dcm2niix ``-p n``); GE
@@ -177,6 +178,46 @@ def _to_radians(data: np.ndarray, encoding: str, where: str) -> np.ndarray:
         return phase_to_radians(data, encoding="auto")
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+#: Integer phase encodings stored losslessly as int16 with a NIfTI scale: encoding ->
+#: (slope in rad per step, shift added to the value); radians = (value + shift) * slope.
+_INT_PHASE = {"-4096..4095": (np.pi / 4096, 0), "0..4095": (np.pi / 2048, -2048)}
+
+
+def _phase_as_scaled_ints(display: np.ndarray, encoding: str) -> tuple[np.ndarray, float] | None:
+    """Siemens integer phase as (int16 steps, rad per step), or None for other data.
+
+    ``steps * slope`` are the radians :func:`_to_radians` gives (already in ``[-pi, pi)``), so
+    the image keeps the scanner's integers: smaller, faster to write and exactly the DICOM
+    values. Values outside the encoding's range or not integers fall back to float radians.
+    """
+    from ..algorithms.echoes.phase_scaling import PHASE_ENCODINGS
+
+    if encoding not in _INT_PHASE:
+        return None
+    slope, shift = _INT_PHASE[encoding]
+    enc = PHASE_ENCODINGS[encoding]
+    if display.min() < enc.low or display.max() > enc.high:
+        return None
+    steps = display + np.float32(shift)
+    if not np.array_equal(np.rint(steps), steps):
+        return None
+    return steps.astype(np.int16), slope
+
+
+def _save_scaled(steps: np.ndarray, slope: float, like, path: Path) -> None:
+    """Write int16 ``steps`` with ``scl_slope = slope`` and the geometry of ``like``."""
+    import nibabel as nib
+
+    out = nib.Nifti1Image(steps, like.affine, header=like.header.copy())
+    out.set_data_dtype(np.int16)
+    out.header.set_xyzt_units("mm", "sec")
+    out.set_qform(like.affine, code=1)
+    out.set_sform(like.affine, code=1)
+    out.header.set_slope_inter(slope, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(out, str(tmp))
 
 
 # ------------------------------------------------------------------------------ dcm2niix
@@ -421,7 +462,15 @@ def _convert_acquisition(
                 data = _to_radians(data, "radians", str(out.path))
         elif out.part == "phase":
             enc = phase_encoding(acq.info, vol.images[0].rescale)
-            data = _to_radians(load("phase", out.echo), enc, f"{acq.description} phase")
+            display = load("phase", out.echo)
+            scaled = _phase_as_scaled_ints(display, enc)
+            if scaled is not None:
+                _save_scaled(scaled[0], scaled[1], img, bids_dir / out.path)
+                write_json(
+                    _sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar
+                )
+                return bids_dir / out.path
+            data = _to_radians(display, enc, f"{acq.description} phase")
         else:
             data = None if coils == [None] else load("mag", out.echo)
         target = bids_dir / out.path
