@@ -457,3 +457,22 @@ def test_patient_ids_that_collide_as_labels_are_refused(sims, tmp_path, capsys):
     assert dicom2bids(args) == 0
     out = capsys.readouterr().out
     assert "sub-a/anat/sub-a_echo-1_part-mag_MEGRE" in out and "sub-b/anat/" in out
+
+
+def test_orientations_as_acq_are_grouped_by_the_qsm_app(dicom_dir, tmp_path):
+    """--repeats acq names head orientations acq-ori1/-ori2, which the BIDS App reads as one
+    multi-orientation group of two acquisitions with their echo times and field strength."""
+    from qsmflow.io.bids import collect_acquisitions
+    from qsmflow.workflows.multi_orientation import group_orientations
+
+    bids = tmp_path / "ds"
+    assert dicom2bids([str(dicom_dir / "SIE"), str(bids), "--repeats", "acq", "--quiet"]) == 0
+    assert (bids / "sub-SIE/anat/sub-SIE_acq-ori2_echo-4_part-phase_MEGRE.nii.gz").exists()
+    assert (bids / "sub-SIE/anat/sub-SIE_T1w.nii.gz").exists()
+    acquisitions, problems = collect_acquisitions(bids)
+    assert problems == {}
+    assert [a.acquisition for a in acquisitions] == ["ori1", "ori2"]
+    assert acquisitions[0].echo_times_s == pytest.approx(list(TES))
+    assert acquisitions[0].b0_tesla == pytest.approx(3.0)
+    groups = group_orientations(acquisitions)
+    assert [len(g) for g in groups.values()] == [2]

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pattern, case-insensitive); repeatable",
     )
     p.add_argument(
+        "--repeats",
+        choices=("run", "acq"),
+        default="run",
+        help="how repeated scans of one protocol in a session (runs, head orientations) are "
+        "named: run-1, run-2, ... (default) or acq-ori1, acq-ori2, ... (what qsmflow's "
+        "multi-orientation pipeline groups by default)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the planned file names and write nothing"
     )
     p.add_argument(
@@ -104,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session=args.session,
             mapping_file=args.mapping,
             acq_rules=args.acq_label,
+            repeats=args.repeats,
             progress=progress,
             n_procs=args.nprocs,
         )

@@ -111,6 +111,7 @@ def plan_dicom_to_bids(
     session: str | None = None,
     mapping_file: str | os.PathLike | None = None,
     acq_rules: Sequence[tuple[str, str]] = (),
+    repeats: str = "run",
     progress: Progress | None = None,
     n_procs: int = 1,
 ) -> Plan:
@@ -132,6 +133,7 @@ def plan_dicom_to_bids(
         session=session,
         mapping=mapping,
         acq_rules=acq_rules,
+        repeats=repeats,
     )
     paths = [p for plan in planned for p in (o.path for o in plan.outputs)]
     dupes = sorted({str(p) for p in paths if paths.count(p) > 1})
@@ -562,6 +564,7 @@ def dicom_to_bids(
     session: str | None = None,
     mapping_file: str | os.PathLike | None = None,
     acq_rules: Sequence[tuple[str, str]] = (),
+    repeats: str = "run",
     overwrite: bool = False,
     n_threads: int = 1,
     progress: Progress | None = None,
@@ -573,6 +576,7 @@ def dicom_to_bids(
         session=session,
         mapping_file=mapping_file,
         acq_rules=acq_rules,
+        repeats=repeats,
         progress=progress,
         n_procs=n_threads,
     )

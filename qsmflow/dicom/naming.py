@@ -144,14 +144,19 @@ def plan_names(
     session: str | None = None,
     mapping: Mapping[str, Any] | None = None,
     acq_rules: Sequence[tuple[str, str]] = (),
+    repeats: str = "run",
 ) -> tuple[list[PlannedAcquisition], list[tuple[Acquisition, str]]]:
     """BIDS entities, suffix and output paths for each acquisition; and the ones skipped, why.
 
     Repeated acquisitions with the same subject, session, acq label and suffix (runs, head
-    orientations) get ``run-1``, ``run-2``, ... in acquisition-time order. ``acq_rules`` are
+    orientations) get ``run-1``, ``run-2``, ... in acquisition-time order, or with
+    ``repeats="acq"`` ``acq-ori1``, ``acq-ori2``, ... (qsmflow's default multi-orientation
+    entity). ``acq_rules`` are
     ``(pattern, label)`` pairs from the command line, tried before the mapping file's rules.
     """
     mapping = dict(mapping or {})
+    if repeats not in ("run", "acq"):
+        raise ValueError(f"repeats must be 'run' or 'acq', got {repeats!r}")
     for name, value in (("participant label", participant_label), ("session", session)):
         if value is not None and _label(value) != value:
             raise ValueError(f"{name} {value!r} must be alphanumeric (no '-', '_', spaces)")
@@ -202,7 +207,7 @@ def plan_names(
                     "distinct labels in a mapping file ('participants')"
                 )
     _assign_sessions(planned, session, mapping)
-    _assign_runs(planned)
+    _assign_runs(planned, repeats)
     for plan in planned:
         plan.outputs = _outputs(plan)
     return planned, skipped
@@ -232,7 +237,7 @@ def _assign_sessions(planned, session, mapping) -> None:
         plan.entities["ses"] = ses
 
 
-def _assign_runs(planned) -> None:
+def _assign_runs(planned, repeats: str) -> None:
     groups: dict[tuple, list[PlannedAcquisition]] = {}
     for plan in planned:
         e = plan.entities
@@ -248,7 +253,10 @@ def _assign_runs(planned) -> None:
             )
         )
         for i, plan in enumerate(plans, start=1):
-            plan.entities["run"] = i
+            if repeats == "acq":  # e.g. head orientations: acq-ori1, acq-ori2 (acq-qsmori1, ...)
+                plan.entities["acq"] = f"{plan.entities.get('acq') or ''}ori{i}"
+            else:
+                plan.entities["run"] = i
 
 
 def _outputs(plan: PlannedAcquisition) -> list[OutputFile]:

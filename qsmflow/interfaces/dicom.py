@@ -85,6 +85,12 @@ class _SortDicomInputSpec(BaseInterfaceInputSpec):
     participant_label = traits.Str(desc="subject label for all data (without 'sub-')")
     session = traits.Str(desc="session label for all data (without 'ses-')")
     mapping_file = File(exists=True, desc="JSON mapping of patients, studies and series")
+    repeats = traits.Enum(
+        "run",
+        "acq",
+        usedefault=True,
+        desc="repeated scans of a protocol as run-1, run-2 or as acq-ori1, acq-ori2",
+    )
 
 
 class _SortDicomOutputSpec(TraitedSpec):
@@ -107,6 +113,7 @@ class SortDicom(SimpleInterface):
             participant_label=self.inputs.participant_label or None,
             session=self.inputs.session or None,
             mapping_file=self.inputs.mapping_file or None,
+            repeats=self.inputs.repeats,
         )
         path = Path(runtime.cwd) / "dicom_plan.pkl"
         with open(path, "wb") as f:

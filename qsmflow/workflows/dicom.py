@@ -15,6 +15,7 @@ def init_dicom_to_bids_wf(
     participant_label: str | None = None,
     session: str | None = None,
     mapping_file: str | None = None,
+    repeats: str = "run",
     overwrite: bool = False,
     n_procs: int = 1,
     name: str = "dicom_to_bids_wf",
@@ -27,6 +28,8 @@ def init_dicom_to_bids_wf(
         Labels for all data (default: from the headers).
     mapping_file : str
         JSON rules for labels (see :mod:`qsmflow.dicom.naming`).
+    repeats : {"run", "acq"}
+        Repeated scans of one protocol (head orientations) as ``run-<n>`` or ``acq-ori<n>``.
     overwrite : bool
         Replace files that already exist in the BIDS dataset.
     n_procs : int
@@ -49,7 +52,7 @@ def init_dicom_to_bids_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dicom_dir", "bids_dir"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["bids_files", "summary"]), name="outputnode")
-    sort = pe.Node(SortDicom(), name="sort_dicom", mem_gb=0.5, n_procs=1)
+    sort = pe.Node(SortDicom(repeats=repeats), name="sort_dicom", mem_gb=0.5, n_procs=1)
     if participant_label:
         sort.inputs.participant_label = participant_label
     if session:
