@@ -9,6 +9,7 @@ start (not root, SLURM or MUNGE not installed), unless ``QSMFLOW_REQUIRE_SLURM=1
 from __future__ import annotations
 
 import argparse
+import getpass
 import gzip
 import json
 import math
@@ -48,7 +49,7 @@ class LocalSlurm:
     ``start()`` writes ``slurm.conf`` in ``root``, starts its own ``munged`` (own key and
     socket), ``slurmctld`` and ``slurmd`` in the foreground and waits until the node is idle;
     ``stop()`` cancels the jobs and stops exactly those three processes. ``env`` holds the
-    variables (``SLURM_CONF``, ``LOGNAME``) that clients need.
+    variables (``SLURM_CONF``) that clients need.
     """
 
     def __init__(self, root: str | Path | None = None):
@@ -58,7 +59,7 @@ class LocalSlurm:
         self._own_root = root is None
         self.conf = self.root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
-        self.env = {"SLURM_CONF": str(self.conf), "LOGNAME": "root"}
+        self.env = {"SLURM_CONF": str(self.conf)}
 
     @staticmethod
     def unavailable() -> str | None:
@@ -264,6 +265,8 @@ def slurm():
 def slurm_env(slurm, monkeypatch):
     for key, value in slurm.env.items():
         monkeypatch.setenv(key, value)
+    # unset in CI's shell; Nipype's SLURM plugin names jobs after it (qsmflow fills it in)
+    monkeypatch.delenv("LOGNAME", raising=False)
     return slurm
 
 
@@ -386,6 +389,7 @@ def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
     mem_mib = max(plugins.MIN_JOB_MEM_MIB, math.ceil(1024 * unwrap.mem_gb))
     assert job["MinMemoryNode"] == f"{mem_mib}M" and job["NumCPUs"] == "1"
     assert job["Partition"] == "debug" and job["TimeLimit"] == "00:30:00"
+    assert job["JobName"] == f"unwrap.qsm_main_wf.sub_01_wf.qsmflow_wf.{getpass.getuser()}"
 
     bad.write_bytes(original)
     kill.unlink()
