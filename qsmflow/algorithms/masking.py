@@ -40,6 +40,9 @@ __all__ = [
     "close_mm",
     "check_head_image",
     "remove_outer_csf",
+    "magnitude_tissue_mask",
+    "local_mean",
+    "tissue_split",
     "phase_quality_map",
     "phase_quality_mask",
     "reliable_mask",
@@ -335,6 +338,119 @@ def check_head_image(
         )
 
 
+def _upsample_linear(coarse: np.ndarray, shape: Sequence[int], factor: Sequence[int]) -> np.ndarray:
+    """Linear interpolation of a block-averaged grid back to ``shape`` (one axis at a time)."""
+    out = coarse
+    for axis, (n, f) in enumerate(zip(shape, factor, strict=True)):
+        m = out.shape[axis]
+        pos = np.clip((np.arange(n) + 0.5) / f - 0.5, 0, m - 1)
+        lo = np.minimum(np.floor(pos).astype(np.intp), m - 1)
+        hi = np.minimum(lo + 1, m - 1)
+        w = (pos - lo).astype(np.float32)
+        shape_w = [1] * out.ndim
+        shape_w[axis] = n
+        w = w.reshape(shape_w)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return out
+
+
+def local_mean(
+    image: np.ndarray,
+    weight: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    sigma_mm: float = 20.0,
+    grid_mm: float = 4.0,
+) -> np.ndarray:
+    """Weighted local mean of ``image`` at the scale ``sigma_mm`` (normalised convolution).
+
+    ``G * (image w) / G * w`` with a Gaussian ``G`` of ``sigma_mm`` and the voxels of ``weight``
+    (bool or non-negative), computed on a grid of about ``grid_mm`` (block averages) and
+    interpolated back; where the weights vanish the global weighted mean is used. A smooth
+    estimate of the receive (bias) field of a magnitude image when ``weight`` marks one tissue
+    class (Knutsson & Westin, CVPR 1993).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)
+    vox = _check_voxel_size(voxel_size_mm, img.ndim)
+    factor = [max(1, int(round(grid_mm / v))) for v in vox]
+    pad = [(0, (-n) % f) for n, f in zip(img.shape, factor, strict=True)]
+    coarse_shape = [(n + p[1]) // f for n, p, f in zip(img.shape, pad, factor, strict=True)]
+    blocks = []
+    for arr in (img * w, w):
+        a = np.pad(arr, pad).reshape(
+            coarse_shape[0], factor[0], coarse_shape[1], factor[1], coarse_shape[2], factor[2]
+        )
+        blocks.append(a.mean(axis=(1, 3, 5)))
+    sigma = [sigma_mm / (v * f) for v, f in zip(vox, factor, strict=True)]
+    num = ndimage.gaussian_filter(blocks[0], sigma, mode="constant")
+    den = ndimage.gaussian_filter(blocks[1], sigma, mode="constant")
+    total = float(w.sum())
+    fallback = float((img * w).sum() / total) if total > 0 else float(img.mean())
+    floor = 1e-3 * float(den.max()) if den.max() > 0 else 1.0
+    level = np.where(den > floor, num / np.maximum(den, floor), fallback).astype(np.float32)
+    return _upsample_linear(level, img.shape, factor)
+
+
+def tissue_split(
+    image: np.ndarray,
+    region: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    sigma_mm: float = 12.0,
+) -> np.ndarray:
+    """Voxels of ``region`` brighter than the darker class, robust to a smooth intensity bias.
+
+    Twice: divide the image by its local mean over the current bright class (at first the whole
+    region; :func:`local_mean`, ``sigma_mm``; 12 mm follows shading that changes by half across
+    the head) and split the ratio inside ``region`` with Otsu's
+    threshold. On a GRE magnitude inside the skull the bright class is brain tissue and the dark
+    one CSF; dividing by the tissue's own smooth level removes receive-field shading that would
+    otherwise move a global threshold into tissue or CSF.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    r = np.asarray(region, dtype=bool)
+    bright = r
+    for _ in range(2):
+        level = local_mean(img, bright, voxel_size_mm, sigma_mm=sigma_mm)
+        ratio = img / np.maximum(level, np.float32(1e-12) * max(float(level.max()), 1e-30))
+        bright = r & (ratio > otsu_threshold(ratio[r]))
+        if not bright.any():
+            break
+    return bright
+
+
+def magnitude_tissue_mask(
+    image: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    *,
+    close_mm: float = 3.0,
+    fill_holes: bool = True,
+    erode_mm: float = 0.0,
+) -> np.ndarray:
+    """Brain mask of a GRE magnitude by intensity classes, robust to receive-field shading.
+
+    The head is the largest piece above Otsu's threshold (holes filled); inside it
+    :func:`tissue_split` keeps the voxels brighter than the CSF and scalp relative to the local
+    tissue level; then the largest component, a closing by ``close_mm``, hole filling and
+    erosion by ``erode_mm`` (as :func:`clean_mask`).
+    """
+    img = np.nan_to_num(np.asarray(image, dtype=np.float32))
+    if img.ndim != 3:
+        raise ValueError(f"image must be 3-D, got shape {img.shape}")
+    head = clean_mask(img > otsu_threshold(img))
+    if not head.any():
+        raise ValueError("magnitude_tissue_mask: nothing above Otsu's threshold")
+    tissue = tissue_split(img, head, voxel_size_mm)
+    return clean_mask(
+        tissue,
+        close_mm=close_mm,
+        fill_holes=fill_holes,
+        erode_mm=erode_mm,
+        voxel_size_mm=voxel_size_mm,
+    )
+
+
 def remove_outer_csf(
     image: np.ndarray,
     mask: np.ndarray,
@@ -346,10 +462,10 @@ def remove_outer_csf(
 
     On a first-echo GRE magnitude the CSF is darker than brain tissue (T1 saturation) but far
     brighter than the skull, so BET's surface settles at the inner skull. Inside ``mask``,
-    Otsu's threshold splits the intensities into CSF and tissue; the tissue's largest
-    component, closed by ``close_mm`` (sulci) and hole-filled (ventricles, veins), within
-    ``mask`` is returned. Assumes a roughly uniform receive field: strong intensity bias can
-    cut dark tissue.
+    :func:`tissue_split` separates tissue from CSF (Otsu's threshold on the image over its
+    local tissue level, so smooth receive-field shading does not move the split); the tissue's
+    largest component, closed by ``close_mm`` (sulci) and hole-filled (ventricles, veins),
+    within ``mask`` is returned.
     """
     img = np.asarray(image)
     m = np.asarray(mask, dtype=bool)
@@ -357,7 +473,7 @@ def remove_outer_csf(
         raise ValueError(f"image shape {img.shape} differs from mask shape {m.shape}")
     if not m.any():
         raise ValueError("mask is empty")
-    tissue = m & (img > otsu_threshold(img[m]))
+    tissue = tissue_split(img, m, voxel_size_mm)
     out = clean_mask(tissue, close_mm=close_mm, fill_holes=True, voxel_size_mm=voxel_size_mm)
     return out & m
 
@@ -420,7 +536,7 @@ def phase_quality_mask(
     magnitude: np.ndarray | None = None,
     method: str = "otsu",
     value: float | None = None,
-    magnitude_method: str = "otsu-foreground",
+    magnitude_method: str = "tissue",
     magnitude_value: float | None = None,
     close_mm: float = 3.0,
     fill_holes: bool = True,
@@ -430,8 +546,10 @@ def phase_quality_mask(
 
     Voxels whose phase quality passes ``method``/``value`` (default Otsu: reliable phase versus
     noise in air and bone) and, when ``magnitude`` is given, whose magnitude passes
-    ``magnitude_method``/``magnitude_value`` (default "otsu-foreground": brain tissue versus the
-    darker CSF and scalp, whose phase is as smooth as the brain's); then the largest component,
+    ``magnitude_method``/``magnitude_value``: by default ("tissue") :func:`tissue_split` inside
+    the filled quality mask, which separates brain tissue from the darker CSF (whose phase is as
+    smooth as the brain's) also under receive-field shading; or a threshold of
+    :func:`threshold_mask` on the magnitude itself. Then the largest component,
     a closing by ``close_mm`` (sulci), hole filling (ventricles, veins, deep grey matter with
     short T2*) and erosion by ``erode_mm``. Methods and values as in :func:`threshold_mask`.
     Unlike BET it follows the cortex instead of a smooth surface.
@@ -444,8 +562,15 @@ def phase_quality_mask(
         mag = np.asarray(magnitude)
         if mag.shape != q.shape:
             raise ValueError(f"magnitude shape {mag.shape} differs from quality {q.shape}")
-        level = threshold_value(mag, method=magnitude_method, value=magnitude_value)
-        raw &= np.isfinite(mag) & (mag > level)
+        if magnitude_method == "tissue":
+            if magnitude_value is not None:
+                raise ValueError("magnitude_method='tissue' takes no magnitude_value")
+            region = _fill_holes(_largest_component(raw))
+            if region.any():
+                raw &= tissue_split(np.nan_to_num(mag), region, voxel_size_mm)
+        else:
+            level = threshold_value(mag, method=magnitude_method, value=magnitude_value)
+            raw &= np.isfinite(mag) & (mag > level)
     return clean_mask(
         raw,
         close_mm=close_mm,

@@ -145,12 +145,14 @@ class _BrainMaskInputSpec(ThreadedInputSpec):
         "outlines the inner skull",
     )
     threshold_method = traits.Enum(
+        "tissue",
         "otsu-foreground",
         "otsu",
         "percentile",
         "fixed",
         desc="threshold of the quality map (phase-quality, default 'otsu') or of the magnitude "
-        "(magnitude-threshold, default 'otsu-foreground': tissue above the darker CSF and scalp)",
+        "(magnitude-threshold, default 'tissue': brain tissue brighter than CSF and scalp relative "
+        "to the local tissue level, robust to receive-field shading)",
     )
     threshold_value = traits.Float(
         desc="percentile (0-100) or fixed threshold (quality in [0, 1], magnitude in its units)"
@@ -158,8 +160,9 @@ class _BrainMaskInputSpec(ThreadedInputSpec):
     magnitude_threshold = traits.Bool(
         True,
         usedefault=True,
-        desc="phase-quality: also require the first-echo magnitude above its 'otsu-foreground' "
-        "threshold, which leaves out the CSF around the brain (its phase is as smooth as tissue)",
+        desc="phase-quality: also require the first-echo magnitude to be in the bright (tissue) "
+        "class relative to the local tissue level, which leaves out the CSF around the brain "
+        "(its phase is as smooth as tissue's)",
     )
     close_mm = traits.Float(
         desc="closing radius in mm for threshold masks (default 3: bridges sulci)"
@@ -252,17 +255,20 @@ class BrainMask(SimpleInterface):
                 )
         else:
             legacy = self.inputs.method == "threshold"
-            params = self._threshold_params(
-                "otsu" if legacy else "otsu-foreground", 0.0 if legacy else 3.0
-            )
-            mask = masking.threshold_mask(
-                image,
-                method=params["threshold_method"],
-                value=params.get("threshold_value"),
-                fill_holes=params["fill_holes"],
-                voxel_size_mm=vox,
-                close_mm=params["close_mm"],
-            )
+            params = self._threshold_params("otsu" if legacy else "tissue", 0.0 if legacy else 3.0)
+            if params["threshold_method"] == "tissue":
+                mask = masking.magnitude_tissue_mask(
+                    image, vox, close_mm=params["close_mm"], fill_holes=params["fill_holes"]
+                )
+            else:
+                mask = masking.threshold_mask(
+                    image,
+                    method=params["threshold_method"],
+                    value=params.get("threshold_value"),
+                    fill_holes=params["fill_holes"],
+                    voxel_size_mm=vox,
+                    close_mm=params["close_mm"],
+                )
         if self.inputs.erode_mm > 0:
             mask = masking.erode_mm(mask, self.inputs.erode_mm, vox)
             params["erode_mm"] = float(self.inputs.erode_mm)
@@ -326,7 +332,7 @@ class BrainMask(SimpleInterface):
             "fill_holes": bool(self.inputs.fill_holes),
         }
         if isdefined(self.inputs.threshold_value):
-            if method in ("otsu", "otsu-foreground"):
+            if method in ("otsu", "otsu-foreground", "tissue"):
                 raise ValueError(
                     f"threshold_value is not used by threshold_method={method!r}; choose "
                     "'percentile' or 'fixed', or leave threshold_value unset"
@@ -371,6 +377,11 @@ class BrainMask(SimpleInterface):
                 "wrapped phase in radians [-pi, pi] (rescale vendor units first)"
             )
         params = self._threshold_params("otsu", 3.0)
+        if params["threshold_method"] == "tissue":
+            raise ValueError(
+                "threshold_method='tissue' is for magnitude-threshold; the quality map takes "
+                "'otsu', 'otsu-foreground', 'percentile' or 'fixed'"
+            )
         params["magnitude_threshold"] = bool(self.inputs.magnitude_threshold)
         quality = masking.phase_quality_map(phase, magnitude=mag, echo_times_s=tes)
         mask = masking.phase_quality_mask(
