@@ -438,7 +438,7 @@ def _convert_acquisition(
         if not np.allclose(img.affine, first_img.affine, atol=1e-3):
             raise ValueError(f"{where}: geometry differs from the other volumes")
 
-    coils = _coil_order(acq)
+    coils = acq.coils  # in natural order: H1, H2, ..., H10
 
     def load(part, echo):
         arrays = []
@@ -496,10 +496,6 @@ def _convert_acquisition(
             (bids_dir / o.path).unlink(missing_ok=True)
             (bids_dir / o.sidecar).unlink(missing_ok=True)
         raise
-
-
-def _coil_order(acq: Acquisition) -> list[str | None]:
-    return acq.coils
 
 
 def convert_plan(

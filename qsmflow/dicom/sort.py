@@ -190,13 +190,17 @@ class DicomScan:
     ignored: list[tuple[Path, str]]
 
 
-def _natural_sorted(values: Iterable[Any]) -> list[Any]:
-    def key(v):
-        if v is None:
-            return ("",)
-        return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(v)))
+def _natural_key(value: Any) -> tuple:
+    """Sort key that orders H2 before H10 (numbers inside names compared as numbers)."""
+    if value is None:
+        return ()
+    return tuple(
+        (0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(value))
+    )
 
-    return sorted(values, key=key)
+
+def _natural_sorted(values: Iterable[Any]) -> list[Any]:
+    return sorted(values, key=_natural_key)
 
 
 def _text(value: Any) -> str:
@@ -654,7 +658,7 @@ def _build_acquisition(series: list[SeriesInfo], images: list[Image]) -> Acquisi
     normal = np.cross(orient[:3], orient[3:])
     volumes = []
     for (part, echo, coil), ims in sorted(
-        by_volume.items(), key=lambda kv: (kv[0][0], kv[0][1], _natural_sorted([kv[0][2]]))
+        by_volume.items(), key=lambda kv: (kv[0][0], kv[0][1], _natural_key(kv[0][2]))
     ):
         ims.sort(key=lambda im: float(np.dot(normal, im.position)))
         volumes.append(Volume(part, echo, te_of.get(echo), coil, ims))
