@@ -6,6 +6,7 @@ from .dicom import ConvertDicom, Dcm2niixVolume, SortDicom
 from .echo_average import AverageEchoes, EchoFields
 from .inversion import DipoleInversion, ReferenceSusceptibility
 from .masking import BrainMask, TwoPassCombine
+from .multi_orientation import COSMOS, STI, RegisterOrientations
 from .phase import CoilCombination, EchoCombination, PhaseUnwrap
 from .reports import QCReport
 
@@ -13,6 +14,7 @@ __all__ = [
     "AverageEchoes",
     "BackgroundRemoval",
     "BrainMask",
+    "COSMOS",
     "CoilCombination",
     "ConvertDicom",
     "Dcm2niixVolume",
@@ -23,6 +25,8 @@ __all__ = [
     "PhaseUnwrap",
     "QCReport",
     "ReferenceSusceptibility",
+    "RegisterOrientations",
+    "STI",
     "SortDicom",
     "TwoPassCombine",
 ]

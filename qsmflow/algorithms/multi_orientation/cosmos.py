@@ -140,6 +140,7 @@ def cosmos_cg(
         )
     else:
         x = np.where(mask, np.asarray(init, np.float32), np.float32(0))
+
     def dot(a, b):
         return float(np.sum(a * b, dtype=np.float64))
 

@@ -34,6 +34,7 @@ __all__ = [
     "b0_direction_in_reference",
     "fsl_matrix_to_world",
     "normalized_cross_correlation",
+    "transform_similarity",
 ]
 
 
@@ -125,6 +126,7 @@ def register_rigid(
     search_deg: float = 30.0,
     min_similarity: float = 0.6,
     max_samples: int = 20_000,
+    tolerance_mm: float = 0.05,
 ) -> RegistrationResult:
     """Rigid transform taking reference world coordinates to moving world coordinates.
 
@@ -144,6 +146,8 @@ def register_rigid(
         Final NCC below which the registration is reported as failed.
     max_samples : int
         Points sampled per level.
+    tolerance_mm : float
+        Search tolerance (mm, and degrees) at the finest level; coarser levels scale it.
     """
     ref = np.asarray(reference, dtype=np.float32)
     mov = np.asarray(moving, dtype=np.float32)
@@ -189,10 +193,10 @@ def register_rigid(
             params,
             method="Powell",
             options={
-                "xtol": 0.02 * step,
-                "ftol": 1e-6,
+                "xtol": tolerance_mm * f_ref,
+                "ftol": 1e-5,
                 "direc": np.eye(6) * 0.5 * step,
-                "maxfev": 800,
+                "maxfev": 600,
             },
         )
         params = np.asarray(res.x, dtype=np.float64)
@@ -206,6 +210,27 @@ def register_rigid(
         rotation_deg=params[:3].copy(),
         translation_mm=params[3:].copy(),
     )
+
+
+def transform_similarity(
+    reference: np.ndarray,
+    reference_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    transform: np.ndarray,
+    *,
+    max_samples: int = 40_000,
+) -> float:
+    """NCC of the reference foreground and the moving image through ``transform``."""
+    level = _Level(
+        np.asarray(reference, np.float32),
+        np.asarray(reference_affine, np.float64),
+        np.asarray(moving, np.float32),
+        np.asarray(moving_affine, np.float64),
+        None,
+        max_samples,
+    )
+    return level.similarity(np.asarray(transform, np.float64))
 
 
 def apply_transform(

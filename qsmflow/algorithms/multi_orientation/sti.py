@@ -59,8 +59,10 @@ class _KGrid:
     def __init__(self, shape: Sequence[int], voxel_size_mm: Sequence[float]):
         self.shape = tuple(int(n) for n in shape)
         ks = kspace_grid(self.shape, voxel_size_mm, real=True)
-        # Cross terms k_a k_b that involve a Nyquist bin are dropped (their sign is ambiguous);
-        # this keeps every kernel real-even, so real-FFT products are exact (as dipole_kernel).
+        # Cross terms k_a k_b that involve a Nyquist bin are dropped (their sign is ambiguous)
+        # and squares k_a^2 kept; this keeps every kernel real-even, so real-FFT products are
+        # exact, and the isotropic case equal to dipole_kernel.
+        self.ks = ks
         self.kz = []
         for axis, (k, n) in enumerate(zip(ks, self.shape, strict=True)):
             k = k.copy()
@@ -78,7 +80,11 @@ class _KGrid:
         kh = self.kz[0] * np.float32(h[0]) + self.kz[1] * np.float32(h[1])
         kh = kh + self.kz[2] * np.float32(h[2])
         q = kh * self.inv_k2
-        return [q * k for k in self.kz]
+        out = []
+        for a in range(3):
+            nyq_sq = self.ks[a] * self.ks[a] - self.kz[a] * self.kz[a]  # k_a^2 at Nyquist only
+            out.append(q * self.kz[a] + np.float32(h[a]) * nyq_sq * self.inv_k2)
+        return out
 
 
 def _component_kernel(c: int, h: np.ndarray, g: list[np.ndarray]) -> np.ndarray:
@@ -258,9 +264,11 @@ _compiled = False
 _compile_lock = threading.Lock()
 
 
-def _k_coefficients(hx, hy, hz, zx, zy, zz, inv, c):  # pragma: no cover - numba
+def _k_coefficients(hx, hy, hz, zx, zy, zz, nx, ny, nz, inv, c):  # pragma: no cover - numba
     kh = (zx * hx + zy * hy + zz * hz) * inv
-    gx, gy, gz = kh * zx, kh * zy, kh * zz
+    gx = kh * zx + hx * nx * inv
+    gy = kh * zy + hy * ny * inv
+    gz = kh * zz + hz * nz * inv
     c[0] = hx * hx / 3.0 - gx * hx
     c[1] = 2.0 * hx * hy / 3.0 - gx * hy - gy * hx
     c[2] = 2.0 * hx * hz / 3.0 - gx * hz - gz * hx
@@ -275,10 +283,13 @@ def _k_forward(xhat, h, kx, ky, kz, nyq, out):  # pragma: no cover - numba
     for i in _prange(nx):
         c = np.empty(6, dtype=np.float64)
         zx = 0.0 if i == nyq[0] else kx[i]
+        nx2 = kx[i] * kx[i] - zx * zx
         for j in range(ny):
             zy = 0.0 if j == nyq[1] else ky[j]
+            ny2 = ky[j] * ky[j] - zy * zy
             for k in range(nz):
                 zz = 0.0 if k == nyq[2] else kz[k]
+                nz2 = kz[k] * kz[k] - zz * zz
                 k2 = kx[i] * kx[i] + ky[j] * ky[j] + kz[k] * kz[k]
                 if k2 == 0.0:
                     for o in range(h.shape[0]):
@@ -286,7 +297,7 @@ def _k_forward(xhat, h, kx, ky, kz, nyq, out):  # pragma: no cover - numba
                     continue
                 inv = 1.0 / k2
                 for o in range(h.shape[0]):
-                    _k_coefficients(h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, inv, c)
+                    _k_coefficients(h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, nx2, ny2, nz2, inv, c)
                     acc = 0j
                     for q in range(6):
                         acc += c[q] * xhat[q, i, j, k]
@@ -300,17 +311,22 @@ def _k_adjoint(u, h, kx, ky, kz, nyq, out):  # pragma: no cover - numba
         c = np.empty(6, dtype=np.float64)
         acc = np.empty(6, dtype=np.complex128)
         zx = 0.0 if i == nyq[0] else kx[i]
+        nx2 = kx[i] * kx[i] - zx * zx
         for j in range(ny):
             zy = 0.0 if j == nyq[1] else ky[j]
+            ny2 = ky[j] * ky[j] - zy * zy
             for k in range(nz):
                 zz = 0.0 if k == nyq[2] else kz[k]
+                nz2 = kz[k] * kz[k] - zz * zz
                 k2 = kx[i] * kx[i] + ky[j] * ky[j] + kz[k] * kz[k]
                 for q in range(6):
                     acc[q] = 0.0
                 if k2 > 0.0:
                     inv = 1.0 / k2
                     for o in range(h.shape[0]):
-                        _k_coefficients(h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, inv, c)
+                        _k_coefficients(
+                            h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, nx2, ny2, nz2, inv, c
+                        )
                         for q in range(6):
                             acc[q] += c[q] * u[o, i, j, k]
                 for q in range(6):
@@ -325,10 +341,13 @@ def _k_whiten(spec, h, kx, ky, kz, nyq, penalty, eps, adjoint, out):  # pragma: 
         n = np.empty((6, 6), dtype=np.float64)
         r = np.empty(6, dtype=np.complex128)
         zx = 0.0 if i == nyq[0] else kx[i]
+        nx2 = kx[i] * kx[i] - zx * zx
         for j in range(ny):
             zy = 0.0 if j == nyq[1] else ky[j]
+            ny2 = ky[j] * ky[j] - zy * zy
             for k in range(nz):
                 zz = 0.0 if k == nyq[2] else kz[k]
+                nz2 = kz[k] * kz[k] - zz * zz
                 k2 = kx[i] * kx[i] + ky[j] * ky[j] + kz[k] * kz[k]
                 if k2 == 0.0:
                     for q in range(6):
@@ -341,7 +360,7 @@ def _k_whiten(spec, h, kx, ky, kz, nyq, penalty, eps, adjoint, out):  # pragma: 
                         n[a, b] = penalty[a, b]
                     n[a, a] += eps
                 for o in range(h.shape[0]):
-                    _k_coefficients(h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, inv, c)
+                    _k_coefficients(h[o, 0], h[o, 1], h[o, 2], zx, zy, zz, nx2, ny2, nz2, inv, c)
                     for a in range(6):
                         for b in range(a, 6):
                             n[a, b] += c[a] * c[b]
