@@ -341,7 +341,7 @@ def test_nipype_workflow_converts(dicom_dir, tmp_path):
     from qsmflow.workflows import init_dicom_to_bids_wf
 
     wf = init_dicom_to_bids_wf(participant_label="wf", n_procs=2)
-    wf.base_dir = str(tmp_path / "work")
+    wf.base_dir = str(tmp_path / "work dir")  # spaces in paths must not split arguments
     wf.inputs.inputnode.dicom_dir = str(dicom_dir / "PHIMF")
     wf.inputs.inputnode.bids_dir = str(tmp_path / "ds")
     wf.run()

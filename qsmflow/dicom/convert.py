@@ -223,26 +223,68 @@ def _save_scaled(steps: np.ndarray, slope: float, like, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ dcm2niix
-def _split_frames(path: Path, frames: list[int], dest: Path) -> None:
-    """Write the frames ``frames`` of an enhanced multi-frame file to ``dest`` (a new file)."""
+def _split_frames(path: Path, jobs: list[tuple[list[int], Path]]) -> None:
+    """Write subsets of the frames of an enhanced multi-frame file, each to a new file.
+
+    ``jobs`` holds (frame indices, destination) pairs; the source is read once for all of
+    them. Compressed pixel data are split into their frames' fragments without decoding.
+    """
     import pydicom
     from pydicom.encaps import encapsulate, generate_frames
 
     ds = pydicom.dcmread(path)
     n = int(ds.NumberOfFrames)
-    per_frame = ds.PerFrameFunctionalGroupsSequence
-    ts = ds.file_meta.TransferSyntaxUID
-    if not ts.is_compressed:
-        size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
-        data = ds.PixelData
-        ds.PixelData = b"".join(data[i * size : (i + 1) * size] for i in frames)
+    per_frame = list(ds.PerFrameFunctionalGroupsSequence)
+    data = ds.PixelData
+    compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+    if compressed:
+        chunks = list(generate_frames(data, number_of_frames=n))
     else:
-        chunks = list(generate_frames(ds.PixelData, number_of_frames=n))
-        ds.PixelData = encapsulate([chunks[i] for i in frames])
-        ds["PixelData"].is_undefined_length = True
-    ds.NumberOfFrames = len(frames)
-    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([per_frame[i] for i in frames])
-    ds.save_as(dest)
+        size = ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * ds.BitsAllocated // 8
+        chunks = [data[i * size : (i + 1) * size] for i in range(n)]
+    for frames, dest in jobs:
+        if compressed:
+            ds.PixelData = encapsulate([chunks[i] for i in frames])
+            ds["PixelData"].is_undefined_length = True
+        else:
+            ds.PixelData = b"".join(chunks[i] for i in frames)
+        ds.NumberOfFrames = len(frames)
+        ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([per_frame[i] for i in frames])
+        ds.save_as(dest)
+
+
+def _prepare_inputs(volumes: list[Volume], work: Path) -> list[Path]:
+    """One folder per volume holding its files: links to classic files and whole multi-frame
+    files, new files with just the volume's frames otherwise. Returns the folders."""
+    import pydicom
+
+    n_frames: dict[Path, int] = {}
+    splits: dict[Path, list[tuple[list[int], Path]]] = {}
+    folders = []
+    for i, volume in enumerate(volumes):
+        folder = work / f"v{i:04d}"
+        (folder / "in").mkdir(parents=True)
+        (folder / "out").mkdir()
+        frames: dict[Path, list[int]] = {}
+        for im in volume.images:
+            frames.setdefault(im.path, [])
+            if im.frame is not None:
+                frames[im.path].append(im.frame)
+        for j, (path, idx) in enumerate(sorted(frames.items())):
+            dest = folder / "in" / f"{j:06d}.dcm"
+            if idx and path not in n_frames:
+                head = pydicom.dcmread(
+                    path, stop_before_pixels=True, specific_tags=["NumberOfFrames"]
+                )
+                n_frames[path] = int(head.get("NumberOfFrames", 1) or 1)
+            if idx and sorted(idx) != list(range(n_frames[path])):
+                splits.setdefault(path, []).append((sorted(idx), dest))
+            else:
+                _link(path, dest)
+        folders.append(folder)
+    for path, jobs in splits.items():
+        _split_frames(path, jobs)
+    return folders
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -253,38 +295,28 @@ def _link(src: Path, dest: Path) -> None:
 
 
 def _run_dcm2niix(volume: Volume, folder: Path) -> tuple[Any, dict]:
-    """Convert one volume; returns (nibabel image, dcm2niix sidecar)."""
+    """Convert one volume (its files in ``folder/in``); returns (image, dcm2niix sidecar)."""
     import nibabel as nib
 
     from ..interfaces.dicom import Dcm2niixVolume
 
     src, out = folder / "in", folder / "out"
-    src.mkdir(parents=True)
-    out.mkdir()
-    frames: dict[Path, list[int]] = {}
-    for im in volume.images:
-        frames.setdefault(im.path, [])
-        if im.frame is not None:
-            frames[im.path].append(im.frame)
-    for i, (path, idx) in enumerate(sorted(frames.items())):
-        dest = src / f"{i:06d}.dcm"
-        if idx and not _all_frames(path, idx):
-            _split_frames(path, sorted(idx), dest)
-        else:
-            _link(path, dest)
     # The command line comes from the Nipype interface; it is run with subprocess because
     # Nipype's CommandLine.run adds ~0.2 s per call (gc.collect, ldd of the binary, polled I/O)
     # and a conversion runs dcm2niix once per volume (hundreds of times for coil data).
     # Philips: magnitude (and real/imaginary) as precise floating-point values, which are the
     # ones comparable across images with different scalings; phase as display values, which
     # are radians or milliradians (Chenevert et al., Transl Oncol 2014 on Philips scaling)
-    cmd = Dcm2niixVolume(
+    iface = Dcm2niixVolume(
         source_dir=str(src),
         output_dir=str(out),
         out_filename="vol",
         philips_float=volume.part != "phase",
-    ).cmdline
-    proc = subprocess.run(shlex.split(cmd), cwd=folder, capture_output=True, text=True)
+    )
+    # run in ``folder`` with relative paths, so spaces in the work folder cannot split words
+    args = iface.cmdline[len(iface.cmd) :].replace(str(src), "in").replace(str(out), "out")
+    argv = [iface.cmd, *shlex.split(args)]
+    proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True)
     stdout = (proc.stdout or "") + (proc.stderr or "")
     if proc.returncode not in (0, 1):  # dcm2niix may return 1 after a successful conversion
         raise RuntimeError(f"dcm2niix failed ({proc.returncode}): {stdout.strip()[-600:]}")
@@ -296,13 +328,6 @@ def _run_dcm2niix(volume: Volume, folder: Path) -> tuple[Any, dict]:
     meta = read_json(sidecar) if sidecar.exists() else {}
     img = nib.load(str(main))
     return img, meta
-
-
-def _all_frames(path: Path, frames: list[int]) -> bool:
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
-    return sorted(frames) == list(range(int(ds.get("NumberOfFrames", 1) or 1)))
 
 
 # ------------------------------------------------------------------------------ writing
@@ -415,15 +440,17 @@ def _convert_acquisition(
     acq = plan.acquisition
     volumes, from_complex = _volumes_to_convert(plan)
 
+    folders = _prepare_inputs(volumes, work)
+
     def run(item):
-        i, vol = item
-        res = _run_dcm2niix(vol, work / f"v{i:04d}")
+        folder, vol = item
+        res = _run_dcm2niix(vol, folder)
         if progress is not None:
             progress(f"dcm2niix {vol.part} echo {vol.echo}" + (f" {vol.coil}" if vol.coil else ""))
         return res
 
     with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
-        results = list(pool.map(run, enumerate(volumes)))
+        results = list(pool.map(run, zip(folders, volumes, strict=True)))
     converted = {(v.part, v.echo, v.coil): r for v, r in zip(volumes, results, strict=True)}
     first_img = results[0][0]
     for v, (img, _) in zip(volumes, results, strict=True):
