@@ -527,6 +527,47 @@ def test_multiproc_sizes_itself_from_the_allocation():
     assert plugins.plan_execution(_args(), environ={}).plugin == "Linear"
 
 
+def test_one_squeue_call_answers_a_polling_round(monkeypatch):
+    """The SLURM plugin asks squeue once for all pending jobs, never trusting a listing taken
+    before a job was submitted, and falls back to Nipype's per-job check when squeue fails."""
+
+    class FakeNipypeSlurm:
+        def __init__(self):
+            self.next_id, self.per_job_checks = 100, 0
+
+        def _submit_batchtask(self, scriptfile, node):
+            self.next_id += 1
+            return self.next_id
+
+        def _is_pending(self, taskid):
+            self.per_job_checks += 1
+            return True
+
+    plugin = type("SLURMPlugin", (plugins._OneSqueuePerPoll, FakeNipypeSlurm), {})()
+    plugin.queue_ttl_s = 0.05
+    calls, queue = [], {"101", "102", "103"}
+
+    def fake_squeue(cmd, timeout=30):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="\n".join(sorted(queue)), stderr="")
+
+    monkeypatch.setattr(plugins, "_run_command", fake_squeue)
+    ids = [plugin._submit_batchtask(f"s{i}", None) for i in range(3)]
+    assert [plugin._is_pending(i) for i in ids] == [True, True, True] and len(calls) == 1
+    queue.discard("102")
+    time.sleep(plugin.queue_ttl_s + 0.05)
+    assert [plugin._is_pending(i) for i in ids] == [True, False, True] and len(calls) == 2
+    # a job submitted after the listing needs a new one (else it would look finished)
+    queue.add("104")
+    assert plugin._is_pending(plugin._submit_batchtask("s3", None)) and len(calls) == 3
+    assert calls[0][:3] == ["squeue", "--noheader", "--format=%i"]
+    monkeypatch.setattr(
+        plugins, "_run_command", lambda cmd, timeout=30: subprocess.CompletedProcess(cmd, 1)
+    )
+    time.sleep(plugin.queue_ttl_s + 0.05)
+    assert plugin._is_pending(ids[0]) and plugin.per_job_checks == 1
+
+
 def test_node_resources_become_sbatch_options(tmp_path):
     from qsmflow.workflows import init_qsmflow_wf
     from qsmflow.workflows.pipelines import load_pipeline

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,15 +481,54 @@ class _TracebackLines:
         return result
 
 
+class _OneSqueuePerPoll:
+    """Mixin for Nipype's SLURM plugin: one ``squeue`` listing of this user's jobs answers
+    every pending job of a polling round, instead of one ``squeue -j`` call per job per round
+    (hundreds of subjects mean thousands of calls to the controller every few seconds).
+
+    A listing only answers for jobs submitted before it was taken; anything else, or a failed
+    listing, falls back to Nipype's own per-job check.
+    """
+
+    #: seconds a listing stays valid (shorter than any sensible ``poll_sleep_duration``)
+    queue_ttl_s = 1.0
+
+    def _submit_batchtask(self, scriptfile, node):
+        taskid = super()._submit_batchtask(scriptfile, node)
+        self._submitted_at = {**getattr(self, "_submitted_at", {}), taskid: time.monotonic()}
+        return taskid
+
+    def _is_pending(self, taskid):
+        listed_at, queued = getattr(self, "_queue", (None, set()))
+        submitted = getattr(self, "_submitted_at", {}).get(taskid)
+        now = time.monotonic()
+        if submitted is None:
+            return super()._is_pending(taskid)
+        if listed_at is None or now - listed_at > self.queue_ttl_s or listed_at < submitted:
+            try:
+                out = _run_command(
+                    ["squeue", "--noheader", "--format=%i", f"--user={getpass.getuser()}"]
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                out = None
+            if out is None or out.returncode != 0:
+                return super()._is_pending(taskid)
+            listed_at, queued = now, set(out.stdout.split())
+            self._queue = (listed_at, queued)
+        return str(taskid) in queued
+
+
 def plugin_instance(name: str, plugin_args: dict[str, Any]):
-    """The Nipype plugin object for ``name`` (batch plugins with :class:`_TracebackLines`)."""
+    """The Nipype plugin object for ``name``; batch plugins get :class:`_TracebackLines`, SLURM
+    also :class:`_OneSqueuePerPoll`."""
     from nipype.pipeline import plugins as nipype_plugins
     from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
 
     cls = getattr(nipype_plugins, f"{name}Plugin")
     if issubclass(cls, SGELikeBatchManagerBase):
+        mixins = (_OneSqueuePerPoll, _TracebackLines) if name == "SLURM" else (_TracebackLines,)
         # same class name: Nipype derives the plugin's name from it
-        cls = type(cls.__name__, (_TracebackLines, cls), {"__module__": __name__})
+        cls = type(cls.__name__, (*mixins, cls), {"__module__": __name__})
     return cls(plugin_args=plugin_args)
 
 
