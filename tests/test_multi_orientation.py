@@ -92,11 +92,14 @@ def test_tensor_forward_matches_anisotropic_sphere():
     xh = x @ h
     volume = inside.sum()
     analytic = volume / (4 * np.pi * r[shell] ** 3) * (3 * (h @ rhat) * (xh @ rhat) - h @ xh)
-    err = np.abs(field[shell] - analytic).max() / np.abs(analytic).max()
-    assert err < 0.08  # a voxelised sphere of radius 5 has small higher multipoles
-    # inside a uniformly magnetised sphere the (Lorentz-corrected) field vanishes
+    # relative RMS error: a voxelised sphere of radius 5 has small higher multipoles, and the
+    # k-space model sets the mean field to zero
+    err = np.linalg.norm(field[shell] - analytic) / np.linalg.norm(analytic)
+    assert err < 0.05
+    # inside a uniformly magnetised sphere the (Lorentz-corrected) field vanishes (up to the
+    # staircase surface of the voxelised sphere)
     core = r < radius / 2
-    assert np.abs(field[core]).max() < 0.05 * np.abs(analytic).max()
+    assert np.abs(field[core]).max() < 0.1 * np.abs(x).max()
 
 
 # ------------------------------------------------------------------------------ simulator
