@@ -37,10 +37,16 @@ from qsmflow.workflows import init_qsm_wf
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on localhost now."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class LocalSlurm:
@@ -143,13 +149,14 @@ class LocalSlurm:
         cpus = os.cpu_count() or 1
         mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
         r = self.root
+        ctld_port, slurmd_port = _free_ports(2)
         self.conf.write_text(
             "\n".join(
                 [
                     "ClusterName=qsmflowtest",
                     "SlurmctldHost=localhost",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={slurmd_port}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
@@ -181,10 +188,10 @@ class LocalSlurm:
             )
         )
         env = {**os.environ, **self.env}
-        for daemon in ("slurmctld", "slurmd"):
+        for daemon in (["slurmctld"], ["slurmd", "-N", "localhost"]):
             self.procs.append(
                 subprocess.Popen(
-                    [daemon, "-D", "-f", str(self.conf)],
+                    [*daemon, "-D", "-f", str(self.conf)],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -501,7 +508,7 @@ def test_missing_sbatch_and_unreachable_controller(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", os.defpath)
     conf = tmp_path / "slurm.conf"
     conf.write_text(
-        f"ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort={_free_port()}\n"
+        f"ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort={_free_ports(1)[0]}\n"
         "AuthType=auth/none\nMessageTimeout=2\nNodeName=localhost\n"
         "PartitionName=p Nodes=localhost\n"
     )
