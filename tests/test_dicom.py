@@ -488,3 +488,21 @@ def test_orientations_as_acq_are_grouped_by_the_qsm_app(dicom_dir, tmp_path):
     assert acquisitions[0].b0_tesla == pytest.approx(3.0)
     groups = group_orientations(acquisitions)
     assert [len(g) for g in groups.values()] == [2]
+
+
+def test_coil_names_from_the_csa_header(sims, tmp_path):
+    """Without (0051,100F), the Siemens coil element comes from the CSA image header."""
+    import pydicom
+
+    from qsmflow.dicom import find_acquisitions, scan_dicom
+
+    files = write_simulated_dicom(sims["coils"], tmp_path, DicomFlavour("siemens"))
+    for path in files[:: len(TES) * MATRIX[2]]:  # the first echo's files only need checking
+        ds = pydicom.dcmread(path)
+        assert ds.get((0x0051, 0x100F)) is not None
+    for path in files:
+        ds = pydicom.dcmread(path)
+        del ds[(0x0051, 0x100F)]
+        ds.save_as(path)
+    (acq,) = find_acquisitions(scan_dicom(tmp_path))
+    assert acq.coils == ["H1", "H2"] and acq.problems == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -284,7 +285,9 @@ def _coil_string(ds) -> str | None:
     value = _text(_private(ds, 0x0051, "SIEMENS MR HEADER", 0x0F))
     if not value and (0x0029, 0x1010) in ds:
         try:
-            from nibabel.nicom import csareader
+            with warnings.catch_warnings():  # nibabel.nicom warns that it is experimental
+                warnings.simplefilter("ignore")
+                from nibabel.nicom import csareader
 
             csa = csareader.get_csa_header(ds, "image")
             items = csa["tags"].get("ImaCoilString", {}).get("items") if csa else None

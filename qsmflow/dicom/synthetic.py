@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import GAMMA_BAR_MHZ_PER_T
 
-__all__ = ["DicomFlavour", "dicom_geometry", "write_simulated_dicom"]
+__all__ = ["DicomFlavour", "csa2_header", "dicom_geometry", "write_simulated_dicom"]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 _MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -72,6 +72,23 @@ class DicomFlavour:
             raise ValueError(
                 f"parts must be ('mag', 'phase'), ('real', 'imag') or ('mag',), got {self.parts}"
             )
+
+
+def csa2_header(tags: dict[str, str]) -> bytes:
+    """A Siemens CSA2 header (``SV10``) holding string ``tags`` (one item each).
+
+    Layout as read by ``nibabel.nicom.csareader``: magic, tag count, then per tag a 64-byte
+    name, VM, VR, SyngoDT, item count, and items of (length, length, 77, length) + padded text.
+    """
+    import struct
+
+    out = b"SV10" + b"\x04\x03\x02\x01" + struct.pack("<2I", len(tags), 77)
+    for name, value in tags.items():
+        out += struct.pack("<64si4s3i", name.encode(), 1, b"LO\0\0", 19, 1, 77)
+        item = value.encode() + b"\0"
+        out += struct.pack("<4i", len(item), len(item), 77, len(item))
+        out += item + b"\0" * (-len(item) % 4)
+    return out
 
 
 def dicom_geometry(
@@ -258,8 +275,11 @@ def write_simulated_dicom(
 
     def vendor_private(ds: Dataset, part: str, coil: int | None) -> None:
         if flavour.vendor == "siemens":
+            name = f"H{coil + 1}" if coil is not None else "HEA;HEP"
             block = ds.private_block(0x0051, "SIEMENS MR HEADER", create=True)
-            block.add_new(0x0F, "LO", f"H{coil + 1}" if coil is not None else "HEA;HEP")
+            block.add_new(0x0F, "LO", name)
+            csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+            csa.add_new(0x10, "OB", csa2_header({"ImaCoilString": name}))
         elif flavour.vendor == "ge":
             block = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
             block.add_new(0x2F, "SS", _GE_TYPE[part])
