@@ -7,12 +7,12 @@ volume whatever dcm2niix calls it. Then
 
 * Philips magnitude is taken as precise floating-point values (dcm2niix ``-p y``) and phase
   as display values (``-p n``);
-* phase is converted to radians with the vendor's encoding (Siemens integer phase is kept
-  as int16 with a NIfTI scale of pi/4096 rad per step, exactly the DICOM values)
+* phase is converted to radians with the vendor's encoding
   (:func:`qsmflow.algorithms.echoes.phase_scaling.phase_to_radians`): Siemens
   ``-4096..4095`` (RescaleSlope 2, RescaleIntercept -4096) or raw ``0..4095``; Philips display
   values in radians or milliradians from RescaleSlope/RescaleIntercept (dcm2niix ``-p n``); GE
-  milliradians; anything else detected from the data range;
+  milliradians; anything else detected from the data range. Siemens integer phase is stored
+  as int16 with a NIfTI scale of pi/4096 (or pi/2048) rad per step: exactly the DICOM values;
 * GE real/imaginary pairs become magnitude ``|re + i im|`` and phase ``angle(re + i im)``;
 * uncombined receive channels are stacked along a 4th (coil) axis, in coil-name order, as
   MCPC-3D-S (Eckstein et al., MRM 2018) expects;
