@@ -341,9 +341,11 @@ def ndi(
     w2 = grid.pad(w * w)
     del w
     phi = grid.pad(np.where(roi, field, np.float32(0)) * np.float32(scale))
-    inside = grid.pad(roi, dtype=bool) if support else None
+    inside = grid.pad(roi.astype(np.float32)) if support else None
     kernel = dipole_kernel(grid.shape, vox, b0_dir, real=True)
     cone = _ConeRule(grid, kernel) if stop == "cone" else None
+    # x - tau (g + alpha x) = (1 - tau alpha) x - tau g, with g masked by P (x is already)
+    decay = np.float32(1.0 - tau * alpha)
 
     x = np.zeros(grid.shape, dtype=np.float32)  # x = s * chi on the grid
     prev_grad, prev_norm2 = None, 0.0
@@ -360,16 +362,19 @@ def ndi(
         res *= w2
         grad_spec = grid.fft(res)
         grad_spec *= kernel  # D is real and even: D^T = D
+        del res
         grad = grid.ifft(grad_spec)  # D^T [W^2 sin(D x - phi)]
-        del res, grad_spec
-        if alpha:
-            grad += np.float32(alpha) * x
+        del grad_spec
         if inside is not None:
-            grad[~inside] = 0.0
-        x -= np.float32(tau) * grad
+            grad *= inside
+        if alpha:
+            x *= decay
+        grad *= np.float32(tau)
+        x -= grad
         n_iter = it
-        if stop == "gradient":
-            norm2 = float(np.dot(grad.reshape(-1), grad.reshape(-1)))
+        if stop == "gradient":  # relative change of the (data-term) gradient, scale-free
+            flat = grad.reshape(-1)
+            norm2 = float(np.dot(flat, flat))
             if prev_grad is not None:
                 prev_grad -= grad
                 change = float(np.dot(prev_grad.reshape(-1), prev_grad.reshape(-1)))
