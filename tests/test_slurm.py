@@ -323,8 +323,9 @@ def _assert_identical(deriv: Path, reference: Path) -> None:
 
 
 def _node_of(job_line: str) -> tuple[str, str]:
-    """(subject, node) of a line '<job id> <path>/pyscript_<time>_<hierarchy>_<node>.py'."""
-    match = re.search(r"\.sub_(\w+?)_wf(?:\.qsm_\w+?_wf)?_(\w+)\.py$", job_line)
+    """(subject, node) of a job's script: '.../pyscript_<time>_<hierarchy>_<node>.py' (or
+    'batchscript_pyscript_..._<node>.sh' of the graph plugins)."""
+    match = re.search(r"\.sub_(\w+?)_wf(?:\.qsm_\w+?_wf)?_(\w+)\.(?:py|sh)$", job_line)
     assert match, job_line
     return match.group(1), match.group(2)
 
@@ -411,22 +412,46 @@ def test_slurm_failure_is_reported_and_rerun_resubmits_only_the_rest(
 
 
 @pytest.mark.slow
-def test_slurmgraph_matches_multiproc(slurm_env, dataset, multiproc_out, tmp_path, capsys):
-    """SLURMGraph submits the whole graph and returns; once the queue is empty the outputs
-    equal MultiProc's; a rerun submits nothing."""
+def test_slurmgraph_failure_rerun_and_outputs(slurm_env, dataset, multiproc_out, tmp_path, capsys):
+    """SLURMGraph submits the whole graph and returns. A failing job cancels the jobs waiting on
+    it; the next run reports that failure (subject, error, crash file) and submits only the
+    steps that did not finish; the outputs equal MultiProc's; a further run submits nothing."""
+    bids = tmp_path / "bids"
+    shutil.copytree(dataset["bids"], bids)
+    data = {**dataset, "bids": bids}
+    bad = bids / "sub-02/anat/sub-02_echo-2_part-phase_MEGRE.nii.gz"
+    original = _truncate_nifti(bad)
     out = tmp_path / "out"
-    start = time.monotonic()
-    assert _app(dataset, out, "--plugin", "SLURMGraph") == 0
+
+    def our_jobs() -> dict[str, dict]:
+        return {j["JobId"]: j for j in slurm_env.jobs() if str(out) in j.get("Command", "")}
+
+    assert _app(data, out, "--plugin", "SLURMGraph") == 0
     assert "jobs submitted to SLURMGraph" in capsys.readouterr().out
     slurm_env.wait_empty()
-    print(f"SLURMGraph run: {time.monotonic() - start:.1f} s")
-    graph_jobs = [j for j in slurm_env.jobs() if str(out) in j.get("Command", "")]
-    assert len(graph_jobs) > 40
-    assert all(j["JobState"] == "COMPLETED" for j in graph_jobs)
-    _assert_identical(out / "qsmflow", multiproc_out)
-    assert _app(dataset, out, "--plugin", "SLURMGraph") == 0
+    first = our_jobs()
+    states = {_node_of(j["Command"]): j["JobState"] for j in first.values()}
+    assert len(states) == len(first) > 40
+    assert {k for k, v in states.items() if v == "FAILED"} == {("02", "unwrap")}
+    not_done = {k for k, v in states.items() if v != "COMPLETED"}
+    assert {k[0] for k in not_done} == {"02"} and ("02", "inversion") in not_done
+    assert {states[k] for k in not_done - {("02", "unwrap")}} == {"CANCELLED"}
+
+    bad.write_bytes(original)
+    assert _app(data, out, "--plugin", "SLURMGraph") == 0
+    err = capsys.readouterr().err
+    assert "1 step(s) of the previous submission failed:" in err
+    assert "  sub-02: qsm_main_wf.unwrap: ValueError: " in err and "crash file: " in err
     slurm_env.wait_empty()
-    assert len([j for j in slurm_env.jobs() if str(out) in j.get("Command", "")]) == len(graph_jobs)
+    second = {k: j for k, j in our_jobs().items() if k not in first}
+    assert {_node_of(j["Command"]) for j in second.values()} == not_done
+    assert {j["JobState"] for j in second.values()} == {"COMPLETED"}
+    _assert_identical(out / "qsmflow", multiproc_out)
+
+    assert _app(data, out, "--plugin", "SLURMGraph") == 0
+    assert "previous submission" not in capsys.readouterr().err
+    slurm_env.wait_empty()
+    assert len(our_jobs()) == len(first) + len(second)
 
 
 @pytest.mark.slow

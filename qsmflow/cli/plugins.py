@@ -540,7 +540,23 @@ def run_workflow(wf, execution: Execution, *, status_callback=None) -> None:
     if execution.plugin == "SLURM" and not os.environ.get("LOGNAME"):
         # Nipype's SLURM plugin names jobs after $LOGNAME, unset in some batch/container shells
         os.environ["LOGNAME"] = getpass.getuser()
+    if execution.detached:
+        report_earlier_submission(wf)
     wf.run(plugin=plugin_instance(execution.plugin, plugin_args))
+
+
+def report_earlier_submission(wf, *, out: TextIO | None = None) -> list[Failure]:
+    """Graph plugins return before their jobs run, so their failures surface at the next run:
+    report the crash files written since the previous submission (the time of the graph
+    plugin's ``batch/submit_jobs.sh``) before submitting again."""
+    submitted = Path(wf.base_dir) / wf.name / "batch" / "submit_jobs.sh"
+    crash_dir = wf.config["execution"].get("crashdump_dir")
+    if not (crash_dir and submitted.exists()):
+        return []
+    failures = read_failures(crash_dir, since=submitted.stat().st_mtime)
+    if failures:
+        report_failures(failures, out=out, earlier=True)
+    return failures
 
 
 @dataclass
@@ -601,10 +617,14 @@ def read_failures(crash_dir: str | Path, *, since: float = 0.0) -> list[Failure]
     return failures
 
 
-def report_failures(failures: list[Failure], *, out: TextIO | None = None) -> None:
-    """Print the failures grouped by subject, with crash files, job logs and how to resume."""
+def report_failures(
+    failures: list[Failure], *, out: TextIO | None = None, earlier: bool = False
+) -> None:
+    """Print the failures grouped by subject, with crash files, job logs and how to resume
+    (``earlier``: the failures of the previous submission, now submitted again)."""
     out = sys.stderr if out is None else out
-    print(f"qsmflow: {len(failures)} step(s) failed:", file=out)
+    what = "of the previous submission " if earlier else ""
+    print(f"qsmflow: {len(failures)} step(s) {what}failed:", file=out)
     for f in sorted(failures, key=lambda f: (f.subject or "", f.node)):
         step = re.sub(r"^.*?sub_[A-Za-z0-9_]+?_wf\.", "", f.node)
         who = f"sub-{f.subject}" if f.subject else "(no subject)"
@@ -615,6 +635,9 @@ def report_failures(failures: list[Failure], *, out: TextIO | None = None) -> No
             print(f"    job log: {f.job_log}", file=out)
             for line in tail:
                 print(f"      {line}", file=out)
+    if earlier:
+        print("qsmflow: submitting them again with the steps that did not run", file=out)
+        return
     print(
         "qsmflow: fix the cause and rerun the same command: finished steps are reused from the "
         "work directory and only the failed and not-yet-run steps are run (or submitted) again",
