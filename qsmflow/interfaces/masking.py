@@ -36,7 +36,8 @@ _DESCRIPTIONS = {
     "bet": "built-in BET (Smith 2002 surface model, qsmflow.algorithms.bet)",
     "phase-quality": "threshold of the ROMEO phase-quality map, closing and hole filling "
     "(QSMxT, Stewart et al. 2022)",
-    "magnitude-threshold": "threshold of the magnitude, closing and hole filling",
+    "magnitude-threshold": "tissue/CSF split of the magnitude relative to the local tissue level "
+    "(or a fixed, percentile or Otsu threshold), closing and hole filling",
 }
 
 
@@ -192,6 +193,12 @@ class BrainMask(SimpleInterface):
     unfilled "reliable" mask for the two-pass reconstruction (:class:`TwoPassCombine`).
     ``"magnitude-threshold"`` thresholds the magnitude. The sidecar ``out_sidecar`` records the
     method that ran.
+
+    On GRE magnitude BET (FSL's and the built-in, default ``frac=0.5``) outlines the inner skull:
+    the CSF around the brain is darker than tissue but far brighter than the skull.
+    ``exclude_csf=True`` takes that CSF out afterwards
+    (:func:`qsmflow.algorithms.masking.remove_outer_csf`); the phase-quality and
+    magnitude-threshold masks leave it out by themselves.
     """
 
     input_spec = _BrainMaskInputSpec
