@@ -664,3 +664,12 @@ def test_masks_are_robust_to_receive_field_shading(sim_2mm, quality):
     assert dice(phase_quality_mask(quality, vox, magnitude=shaded)) > 0.97
     intracranial = ndimage.binary_dilation(truth, iterations=2)  # brain + 4 mm of CSF
     assert dice(remove_outer_csf(shaded, intracranial, vox)) > 0.97
+
+
+def test_brain_mask_rejects_phase_given_as_magnitude(interface_data, tmp_path):
+    from qsmflow.interfaces import BrainMask
+
+    with pytest.raises(ValueError, match="is it a phase image"):
+        BrainMask(in_file=interface_data["phase"], method="magnitude-threshold").run(
+            cwd=str(tmp_path)
+        )

@@ -212,8 +212,14 @@ class BrainMask(SimpleInterface):
         source = first_file(files)
         mag, ref = load_echoes(files, what="magnitude")
         vox = voxel_sizes(ref.affine)
-        if np.any(mag < 0):
-            raise ValueError(f"{source}: magnitude has negative values; is it a phase image?")
+        negative = np.count_nonzero(mag < 0) / mag.size
+        if negative > 0.01:
+            raise ValueError(
+                f"in_file {source}: {100 * negative:.0f} % of the magnitude is negative; is it a "
+                "phase image? give the magnitude (part-mag) files"
+            )
+        if negative:  # a few small negatives from filtering or interpolation
+            mag = np.maximum(mag, np.float32(0))
         if self.inputs.echo_combination == "rss" and mag.shape[3] > 1:
             image = np.sqrt(np.sum(mag * mag, axis=3, dtype=np.float32))
         else:
