@@ -94,7 +94,7 @@ class LocalSlurm:
                 tails.append(f"{name}: " + " | ".join(path.read_text().splitlines()[-3:]))
         return "; ".join(tails)
 
-    def _wait(self, what: str, test, timeout: float = 30.0) -> None:
+    def _wait(self, what: str, test, timeout: float = 30.0, interval: float = 0.1) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if test():
@@ -102,7 +102,7 @@ class LocalSlurm:
             for proc in self.procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{proc.args[0]} exited ({self._log_tail()})")
-            time.sleep(0.1)
+            time.sleep(interval)
         raise RuntimeError(f"{what} not ready after {timeout:.0f} s ({self._log_tail()})")
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -216,11 +216,13 @@ class LocalSlurm:
         return jobs
 
     def wait_empty(self, timeout: float = 300.0) -> None:
-        """Wait until no job is pending or running."""
+        """Wait until no job is pending or running (asking every 0.5 s: each squeue takes CPU
+        from the jobs on a small machine)."""
         self._wait(
             "the queue",
             lambda: not self.run("squeue", "--noheader", check=False).stdout.strip(),
             timeout,
+            interval=0.5,
         )
 
     def stop(self) -> None:
