@@ -520,10 +520,22 @@ def test_plugin_args_are_validated(tmp_path):
     assert ex.config == {"poll_sleep_duration": 0.5}
     with pytest.raises(ValueError, match="--slurm-account need --plugin SLURM"):
         plugins.plan_execution(_args(plugin="MultiProc", slurm_account="lab"), check=False)
-    with pytest.raises(ValueError, match="--job-template .*cannot read"):
+    with pytest.raises(ValueError, match="job template .*none.sh: cannot read"):
         plugins.plan_execution(
             _args(plugin="SLURM", job_template=str(tmp_path / "none.sh")), check=False
         )
+    # a template named in --plugin-args is read like --job-template: its trailing newlines go,
+    # so that a last line ending in a backslash prefixes the job's command (also in SLURMGraph)
+    tpl = tmp_path / "job.sh"
+    tpl.write_text("#!/bin/bash\napptainer exec img.sif \\\n\n")
+    f.write_text(f"template: {tpl}\n")
+    ex = plugins.plan_execution(_args(plugin="SLURMGraph", plugin_args=str(f)), check=False)
+    assert ex.plugin_args["template"] == "#!/bin/bash\napptainer exec img.sif \\"
+    assert ex.plugin_args["sbatch_args"] == "--kill-on-invalid-dep=yes"
+    assert ex.plugin_args["dont_resubmit_completed_jobs"] is True
+    tpl.write_text("module load python\n")
+    with pytest.raises(ValueError, match="job.sh: a batch script must start with a '#!' line"):
+        plugins.plan_execution(_args(plugin="SLURM", job_template=str(tpl)), check=False)
 
 
 def test_missing_sbatch_and_unreachable_controller(tmp_path, monkeypatch):

@@ -318,11 +318,10 @@ def _read_template(path: str | Path) -> str:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ValueError(f"--job-template {path}: cannot read the file ({exc})") from exc
+        raise ValueError(f"job template {path}: cannot read the file ({exc})") from exc
     if not text.startswith("#!"):
         raise ValueError(
-            f"--job-template {path}: a batch script must start with a '#!' line "
-            "(e.g. '#!/bin/bash')"
+            f"job template {path}: a batch script must start with a '#!' line (e.g. '#!/bin/bash')"
         )
     return text.rstrip("\n")
 
@@ -402,6 +401,8 @@ def plan_execution(
                 plugin_args["sbatch_args"] = f"{plugin_args.get('sbatch_args', '')} {extra}".strip()
         if args.job_template:
             plugin_args["template"] = _read_template(args.job_template)
+        elif Path(plugin_args.get("template", "")).is_file():
+            plugin_args["template"] = _read_template(plugin_args["template"])
         if plugin in GRAPH_PLUGINS:
             # a rerun submits only the nodes whose results are not in the work directory
             plugin_args.setdefault("dont_resubmit_completed_jobs", True)
