@@ -127,8 +127,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
         "--plugin",
         type=plugin_name,
         metavar="NAME",
-        help=f"Nipype execution plugin: {', '.join(PLUGIN_ARGS)} (default MultiProc, or Linear "
-        "with --nprocs 1; inside a SLURM allocation MultiProc sized from the allocation)",
+        help=f"Nipype execution plugin: {', '.join(PLUGIN_ARGS)} (default Linear; MultiProc "
+        "with --nprocs > 1, or inside a SLURM allocation, sized from the allocation)",
     )
     g.add_argument(
         "--plugin-args",
