@@ -89,7 +89,7 @@ def test_real_file_converts(real_dataset, name):
 
 def test_real_files_validate(real_dataset):
     bids, _ = real_dataset
-    assert _validate(bids) == []
+    assert _validate(bids)[0] == []
 
 
 def test_dicomdir_tree_of_philips_localizers(tmp_path, capsys):
@@ -106,4 +106,4 @@ def test_dicomdir_tree_of_philips_localizers(tmp_path, capsys):
     assert code == 0, out
     written = sorted((tmp_path / "ds").rglob("*_T1w.nii.gz"))
     assert len(written) == out.count("_T1w.nii.gz") > 3
-    assert _validate(tmp_path / "ds") == []
+    assert _validate(tmp_path / "ds")[0] == []

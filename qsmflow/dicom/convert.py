@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import __version__
 from ..io.bids import write_dataset_description, write_tsv
-from ..io.nifti import atomic_path, read_json, save_nifti, write_json
+from ..io.nifti import atomic_path, read_json, write_json
 from .naming import OutputFile, PlannedAcquisition, load_mapping, plan_names
 from .sort import Acquisition, DicomScan, SeriesInfo, Volume, find_acquisitions, scan_dicom
 
@@ -208,18 +208,36 @@ def _phase_as_scaled_ints(display: np.ndarray, encoding: str) -> tuple[np.ndarra
     return steps.astype(np.int16), slope
 
 
-def _save_scaled(steps: np.ndarray, slope: float, like, path: Path) -> None:
-    """Write int16 ``steps`` with ``scl_slope = slope`` and the geometry of ``like``."""
+def _write_gz(data: bytes, path: Path) -> None:
+    """Gzip ``data`` to ``path`` atomically, with an empty file name and zero time in the gzip
+    header (the BIDS validator warns about both: they leak names and are not reproducible)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as gz:
+            gz.write(data)
+
+
+def _nifti_like(data: np.ndarray, like, slope: float = 1.0):
+    """A NIfTI-1 image of ``data`` with the header and geometry of ``like`` (as dcm2niix wrote
+    it), qform and sform set to its affine (code 1, scanner) and the given scale slope."""
     import nibabel as nib
 
-    out = nib.Nifti1Image(steps, like.affine, header=like.header.copy())
-    out.set_data_dtype(np.int16)
+    out = nib.Nifti1Image(data, like.affine, header=like.header.copy())
+    out.set_data_dtype(data.dtype)
     out.header.set_xyzt_units("mm", "sec")
     out.set_qform(like.affine, code=1)
     out.set_sform(like.affine, code=1)
     out.header.set_slope_inter(slope, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(out, str(tmp))
+    return out
+
+
+def _save_scaled(steps: np.ndarray, slope: float, like, path: Path) -> None:
+    """Write int16 ``steps`` with ``scl_slope = slope`` and the geometry of ``like``."""
+    _write_gz(_nifti_like(steps.astype(np.int16), like, slope).to_bytes(), path)
+
+
+def _save_float(data: np.ndarray, like, path: Path) -> None:
+    """Write float32 ``data`` with the geometry of ``like``."""
+    _write_gz(_nifti_like(np.asarray(data, dtype=np.float32), like).to_bytes(), path)
 
 
 # ------------------------------------------------------------------------------ dcm2niix
@@ -504,11 +522,9 @@ def _convert_acquisition(
             data = None if coils == [None] else load("mag", out.echo)
         target = bids_dir / out.path
         if data is None:  # magnitude as dcm2niix wrote it: its bytes, gzipped (no rescaling)
-            with atomic_path(target) as tmp, open(img.get_filename(), "rb") as src:
-                with gzip.open(tmp, "wb", compresslevel=1) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
+            _write_gz(Path(img.get_filename()).read_bytes(), target)
         else:
-            save_nifti(data, img.affine, target, header=img.header)
+            _save_float(data, img, target)
         write_json(_sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar)
         return target
 
