@@ -230,3 +230,21 @@ def test_killed_run_resumes_from_the_work_directory(tmp_path):
     assert qsmflow_main(argv) == 0
     assert unwrapped.stat().st_mtime_ns == before
     assert (out / "qsmflow/sub-01/anat/sub-01_Chimap.nii.gz").exists()
+
+
+def test_two_pass_pipeline_runs_and_records_the_mask_method(tmp_path):
+    bids = tmp_path / "bids"
+    assert simulate_main([str(bids), "--subjects", "1", "--voxel-size", "4", "--echoes", "3"]) == 0
+    out = tmp_path / "out"
+    assert qsmflow_main([str(bids), str(out), "participant", "--pipeline", "two-pass"]) == 0
+    anat = out / "qsmflow/sub-01/anat"
+    chi_side = json.loads((anat / "sub-01_Chimap.json").read_text())
+    assert chi_side["TwoPass"] is True
+    mask_side = json.loads((anat / "sub-01_desc-brain_mask.json").read_text())
+    assert mask_side["MethodUsed"] == "phase-quality"
+    assert "Sources" in mask_side and all(s.startswith("bids:") for s in mask_side["Sources"])
+    work_nodes = {p.name for p in (out / "work").rglob("*") if p.is_dir()}
+    assert {"two_pass", "inversion_reliable", "background_reliable"} <= work_nodes
+    chi = nib.load(anat / "sub-01_Chimap.nii.gz").get_fdata()
+    local = nib.load(anat / "sub-01_desc-local_mask.nii.gz").get_fdata() > 0
+    assert np.isfinite(chi).all() and np.abs(chi[local]).max() < 2.0

@@ -12,9 +12,9 @@ import pytest
 
 from qsmflow.algorithms import metrics
 from qsmflow.algorithms.background import vsharp
-from qsmflow.algorithms.bet import bet
 from qsmflow.algorithms.echoes import fit_field
 from qsmflow.algorithms.inversion import tkd
+from qsmflow.algorithms.masking import phase_quality_map, phase_quality_mask
 from qsmflow.algorithms.reference import reference_to_mean
 from qsmflow.algorithms.unwrap import unwrap_multi_echo
 from qsmflow.cli.run import main as qsmflow_main
@@ -144,7 +144,8 @@ def test_app_matches_the_algorithms_run_directly(app_run):
     ).astype(np.float32)
     img = nib.load(anat / "sub-01_echo-1_part-phase_MEGRE.nii.gz")
     vox, tes = (3.0, 3.0, 3.0), [0.005, 0.010, 0.015]
-    mask = bet(mag[..., 0], vox)
+    quality = phase_quality_map(phase, magnitude=mag, echo_times_s=tes)
+    mask = phase_quality_mask(quality, vox, magnitude=mag[..., 0])
     unwrapped = unwrap_multi_echo(phase, vox, tes, magnitude=mag, mask=mask)
     fit = fit_field(unwrapped, mag, tes, b0_tesla=3.0, mask=mask)
     local, lmask = vsharp(fit.field_ppm, mask, vox)

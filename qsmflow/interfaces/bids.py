@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,11 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     desc = traits.Str(desc="BIDS desc entity (e.g. brain, local)")
     datatype = traits.Str("anat", usedefault=True, desc="BIDS datatype folder (anat, fmap)")
     metadata = traits.Dict(desc="JSON sidecar fields (units, method, parameters)")
+    in_metadata_file = File(
+        exists=True,
+        desc="JSON written by the step that made in_file (e.g. BrainMask's out_sidecar); its "
+        "fields override metadata's, except Sources (work-directory paths)",
+    )
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -63,6 +69,9 @@ class DerivativesDataSink(SimpleInterface):
         with atomic_path(out) as tmp:
             shutil.copyfile(self.inputs.in_file, tmp)
         side = dict(self.inputs.metadata) if isdefined(self.inputs.metadata) else {}
+        if isdefined(self.inputs.in_metadata_file):
+            extra = json.loads(Path(self.inputs.in_metadata_file).read_text())
+            side.update({k: v for k, v in extra.items() if k != "Sources"})
         if isdefined(self.inputs.raw_root):
             src = Path(self.inputs.source_file).relative_to(self.inputs.raw_root).as_posix()
             side.setdefault("Sources", [f"bids:raw:{src}"])

@@ -34,7 +34,12 @@ _METHOD_TEXT = {
     "rts": "RTS (Kames et al. 2018)",
     "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",
     "laplacian": "Laplacian unwrapping (Schofield & Zhu 2003)",
-    "bet": "built-in BET (Smith 2002)",
+    "bet": "BET (Smith 2002): FSL bet when installed, else the built-in implementation",
+    "fsl-bet": "FSL bet (Smith 2002)",
+    "phase-quality": "phase-quality mask: ROMEO-like quality map and magnitude thresholds, "
+    "closing and hole filling",
+    "magnitude-threshold": "magnitude threshold relative to the local tissue level, closing and "
+    "hole filling",
     "threshold": "Otsu threshold with hole filling",
 }
 
@@ -67,6 +72,7 @@ def _sinks(
                 "InversionMethod": _METHOD_TEXT[pipeline["inversion_method"]],
                 "BackgroundFieldRemoval": _METHOD_TEXT[pipeline["bfr_method"]],
                 "EchoCombination": _COMBINE_TEXT[pipeline["combine"]],
+                "TwoPass": pipeline["two_pass"],
                 "Reference": "mean over the background-removal mask",
                 "SkullStripped": True,
             },
@@ -192,11 +198,13 @@ def init_subject_wf(
             n_echoes=len(acq.phase),
             mask_method=pipeline["mask_method"],
             bet_frac=pipeline["bet_frac"],
+            bet_exclude_csf=pipeline["bet_exclude_csf"],
             unwrap_method=pipeline["unwrap_method"],
             unwrap_mode=pipeline["unwrap_mode"],
             combine=pipeline["combine"],
             bfr_method=pipeline["bfr_method"],
             inversion_method=pipeline["inversion_method"],
+            two_pass=pipeline["two_pass"],
             existing_mask=acq.mask is not None,
             n_threads=n_threads,
             name=f"qsm_{tag}_wf",
@@ -225,6 +233,8 @@ def init_subject_wf(
             # the local field is sunk in Hz (BIDS fieldmap units)
             src = "local_field_hz" if field == "local_field" else field
             wf.connect(qsm, f"outputnode.{src}", sink, "in_file")
+            if field == "mask" and acq.mask is None:  # the method that actually ran
+                wf.connect(qsm, "brain_mask.out_sidecar", sink, "in_metadata_file")
             # the report shows the files as written (it reads their sidecars)
             if field in merges and not (suffix == "magnitude" and desc):
                 wf.connect(sink, "out_file", merges[field], f"in{index}")

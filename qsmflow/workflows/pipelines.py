@@ -10,7 +10,9 @@ from typing import Any
 #: option -> allowed values (None: any number in the given range)
 OPTIONS: dict[str, Any] = {
     "description": str,
-    "mask_method": ("bet", "threshold"),
+    "mask_method": ("phase-quality", "bet", "fsl-bet", "magnitude-threshold", "threshold"),
+    "bet_exclude_csf": bool,
+    "two_pass": bool,
     "bet_frac": (0.0, 1.0),
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
@@ -54,6 +56,9 @@ def validate_pipeline(options: dict[str, Any], *, source: str = "pipeline") -> d
         if allowed is str:
             if not isinstance(value, str):
                 raise ValueError(f"{source}: option {key!r} must be text")
+        elif allowed is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: option {key!r} must be true or false")
         elif isinstance(allowed[0], float):
             lo, hi = allowed
             if not isinstance(value, int | float) or not lo < float(value) < hi:
@@ -63,6 +68,13 @@ def validate_pipeline(options: dict[str, Any], *, source: str = "pipeline") -> d
                 f"{source}: option {key!r} = {value!r} is not one of {', '.join(allowed)}"
             )
         base[key] = value
+    if base["two_pass"] and base["mask_method"] != "phase-quality":
+        raise ValueError(
+            f"{source}: two_pass needs mask_method 'phase-quality' (its reliable-voxel mask is "
+            f"the second pass's mask), not {base['mask_method']!r}"
+        )
+    if base["two_pass"] and base["combine"] != "fit":
+        raise ValueError(f"{source}: two_pass works with combine 'fit', not {base['combine']!r}")
     return base
 
 

@@ -14,6 +14,7 @@ from ..interfaces import (
     EchoFields,
     PhaseUnwrap,
     ReferenceSusceptibility,
+    TwoPassCombine,
 )
 
 #: Fields of :func:`init_qsm_wf`'s output node.
@@ -43,13 +44,15 @@ def init_qsm_wf(
     *,
     n_voxels: int,
     n_echoes: int,
-    mask_method: str = "bet",
+    mask_method: str = "phase-quality",
     bet_frac: float = 0.5,
+    bet_exclude_csf: bool = True,
     unwrap_method: str = "region-growing",
     unwrap_mode: str = "template",
     combine: str = "fit",
     bfr_method: str = "vsharp",
     inversion_method: str = "tkd",
+    two_pass: bool = False,
     existing_mask: bool = False,
     n_threads: int = 1,
     name: str = "qsm_wf",
@@ -67,7 +70,8 @@ def init_qsm_wf(
     ----------
     n_voxels, n_echoes : int
         Size of the data, for each node's ``mem_gb``.
-    mask_method, bet_frac : brain masking (``BrainMask``).
+    mask_method, bet_frac, bet_exclude_csf : brain masking (``BrainMask``; ``bet_exclude_csf``
+        takes the CSF between brain and skull out of a BET mask).
     unwrap_method, unwrap_mode : phase unwrapping (``PhaseUnwrap``).
     combine : {"fit", "echo-average"}
         ``fit``: one total field from a weighted fit over TE, then one background removal and
@@ -76,6 +80,12 @@ def init_qsm_wf(
         averaged over the voxels valid in every echo (as done for 9-echo bipolar protocols).
     bfr_method : background removal (``BackgroundRemoval``).
     inversion_method : dipole inversion (``DipoleInversion``).
+    two_pass : bool
+        Two-pass artefact reduction (Stewart et al. 2022; needs ``mask_method="phase-quality"``
+        and ``combine="fit"``): background removal and inversion run once with the filled mask
+        and once with the mask of reliable-phase voxels (no hole filling, so veins and other
+        unreliable voxels are left out); chi is the reliable pass inside its mask and the
+        filled pass elsewhere.
     existing_mask : bool
         Reuse ``inputnode.mask`` (e.g. from a derivatives dataset) instead of computing one.
     n_threads : int
@@ -83,6 +93,11 @@ def init_qsm_wf(
     """
     if combine not in ("fit", "echo-average"):
         raise ValueError(f"combine must be 'fit' or 'echo-average', not {combine!r}")
+    if two_pass and (mask_method != "phase-quality" or combine != "fit" or existing_mask):
+        raise ValueError(
+            "two_pass needs mask_method='phase-quality', combine='fit' and a computed mask "
+            "(the second pass uses the phase-quality reliable-voxel mask)"
+        )
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["phase", "magnitude", "echo_times", "b0_tesla", "mask"]),
@@ -106,8 +121,14 @@ def init_qsm_wf(
         brain_mask = pe.Node(niu.IdentityInterface(fields=["out_mask"]), name="brain_mask")
         wf.connect(inputnode, "mask", brain_mask, "out_mask")
     else:
-        brain_mask = node(BrainMask(method=mask_method, frac=bet_frac), "brain_mask", 4)
-        wf.connect(inputnode, "magnitude", brain_mask, "in_magnitude")
+        masker = BrainMask(method=mask_method, frac=bet_frac, exclude_csf=bet_exclude_csf)
+        echoes = n_echoes if mask_method == "phase-quality" else 1
+        brain_mask = node(masker, "brain_mask", 6, echoes)
+        wf.connect(inputnode, "magnitude", brain_mask, "in_file")
+        if mask_method == "phase-quality":
+            wf.connect([
+                (inputnode, brain_mask, [("phase", "in_phase"), ("echo_times", "echo_times")]),
+            ])  # fmt: skip
     unwrap = node(PhaseUnwrap(method=unwrap_method, mode=unwrap_mode), "unwrap", 8, n_echoes)
     fit = node(EchoCombination(), "fit_field", 4, n_echoes)
     reference = node(ReferenceSusceptibility(), "reference", 3)
@@ -138,10 +159,27 @@ def init_qsm_wf(
             (bfr, invert, [("out_field", "in_field"), ("out_mask", "in_mask")]),
             (inputnode, invert, [("b0_tesla", "b0_tesla")]),
             (first_mag, invert, [("out", "in_magnitude")]),
-            (invert, reference, [("out_chi", "in_chi")]),
             (bfr, reference, [("out_mask", "in_mask")]),
             (bfr, outputnode, [("out_mask", "local_mask"), ("out_field", "local_field"),
                                ("out_field_hz", "local_field_hz")]),
+        ])  # fmt: skip
+        if not two_pass:
+            wf.connect(invert, "out_chi", reference, "in_chi")
+            return wf
+        bfr2 = node(BackgroundRemoval(method=bfr_method), "background_reliable", 10)
+        invert2 = node(DipoleInversion(method=inversion_method), "inversion_reliable", 25)
+        combine_passes = node(TwoPassCombine(), "two_pass", 3)
+        wf.connect([
+            (fit, bfr2, [("out_field_ppm", "in_field"), ("out_field_sd", "in_field_sd")]),
+            (brain_mask, bfr2, [("out_reliable_mask", "in_mask")]),
+            (bfr2, invert2, [("out_field", "in_field"), ("out_mask", "in_mask")]),
+            (inputnode, invert2, [("b0_tesla", "b0_tesla")]),
+            (first_mag, invert2, [("out", "in_magnitude")]),
+            (invert, combine_passes, [("out_chi", "in_chi_filled")]),
+            (invert2, combine_passes, [("out_chi", "in_chi_reliable")]),
+            (bfr, combine_passes, [("out_mask", "in_filled_mask")]),
+            (bfr2, combine_passes, [("out_mask", "in_reliable_mask")]),
+            (combine_passes, reference, [("out_chi", "in_chi")]),
         ])  # fmt: skip
         return wf
 
