@@ -3,7 +3,9 @@
 Two simulated subjects (4 mm, 2 echoes, ``fast`` preset) are processed three times from scratch
 with the same polling interval (0.5 s): MultiProc with ``--threads`` processes, ``--plugin
 SLURM`` (one job per step) and ``--plugin SLURMGraph`` (the whole graph submitted at once; timed
-until the queue is empty). The cluster is the single-node SLURM of ``tests/test_slurm.py``
+until the queue is empty). Besides wall times, which follow the machine's load, the row gives
+CPU seconds: of MultiProc's processes, of the jobs (bash ``time -p`` in the job template) and
+of the submitting host. The cluster is the single-node SLURM of ``tests/test_slurm.py``
 started on localhost (needs root and the Debian packages ``munge slurmctld slurmd
 slurm-client``); without it the row says why it was skipped.
 """
@@ -11,6 +13,7 @@ slurm-client``); without it the row says why it was skipped.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -26,16 +29,34 @@ ORDER = 90
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _qsmflow(inputs: dict, out: Path, *extra: str, env: dict | None = None) -> float:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _qsmflow(inputs: dict, out: Path, *extra: str, env: dict) -> tuple[float, float]:
+    """Run the BIDS App; (wall s, CPU s of the submitting process and its children)."""
     cmd = [sys.executable, "-m", "qsmflow.cli.run", inputs["bids"], str(out), "participant"]
     cmd += ["--pipeline", "fast", "--plugin-args", inputs["poll"], *extra]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env}
     )
     if proc.returncode != 0:
         raise RuntimeError(f"qsmflow {' '.join(extra)} failed: {proc.stderr.strip()[-500:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_s() - cpu
+
+
+def _jobs_cpu_s(out: Path) -> float:
+    """CPU seconds of the jobs, from the 'user'/'sys' lines bash's ``time -p`` (the job
+    template) wrote to their logs in the work directory's batch folder."""
+    total = 0.0
+    for log in (out / "work" / "qsmflow_wf" / "batch").iterdir():
+        if log.suffix in (".out", ".e"):
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith(("user ", "sys ")):
+                    total += float(line.split()[1])
+    return total
 
 
 def slurm_setup(bench: Benchmark, workdir: Path) -> dict:
@@ -56,26 +77,27 @@ def slurm_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
 
     reason = LocalSlurm.unavailable()
     work = Path(inputs["workdir"])
+    template = work / "job.sh"
+    template.write_text("#!/bin/bash\ntime -p \\\n")
+    timed = ["--job-template", str(template)]
 
     def call() -> dict:
         if reason:
             return {"skipped": reason}
         with LocalSlurm() as cluster:
             env = cluster.env
-            multiproc = _qsmflow(inputs, work / "mp", "--nprocs", str(n_threads), env=env)
-            slurm = _qsmflow(inputs, work / "slurm", "--plugin", "SLURM", env=env)
+            mp, mp_cpu = _qsmflow(inputs, work / "mp", "--nprocs", str(n_threads), env=env)
+            sl, sl_cpu = _qsmflow(inputs, work / "slurm", "--plugin", "SLURM", *timed, env=env)
             n_slurm = len(cluster.jobs())
             start = time.perf_counter()
-            _qsmflow(inputs, work / "graph", "--plugin", "SLURMGraph", env=env)
+            _, gr_cpu = _qsmflow(inputs, work / "graph", "--plugin", "SLURMGraph", *timed, env=env)
             cluster.wait_empty()
-            graph = time.perf_counter() - start
+            gr = time.perf_counter() - start
             n_graph = len(cluster.jobs()) - n_slurm
         return {
-            "multiproc_s": multiproc,
-            "slurm_s": slurm,
-            "graph_s": graph,
-            "slurm_jobs": n_slurm,
-            "graph_jobs": n_graph,
+            "multiproc": (mp, mp_cpu),
+            "slurm": (sl, sl_cpu, _jobs_cpu_s(work / "slurm"), n_slurm),
+            "graph": (gr, gr_cpu, _jobs_cpu_s(work / "graph"), n_graph),
             "cpus": os.cpu_count(),
         }
 
@@ -85,12 +107,15 @@ def slurm_prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
 def slurm_check(bench: Benchmark, inputs: dict, output: dict) -> str:
     if "skipped" in output:
         return f"skipped: {output['skipped']}"
-    mp, sl, gr = output["multiproc_s"], output["slurm_s"], output["graph_s"]
-    return (
-        f"MultiProc {mp:.0f} s; SLURM {sl:.0f} s ({output['slurm_jobs']} jobs, "
-        f"+{sl - mp:.0f} s, x{sl / mp:.1f}); SLURMGraph {gr:.0f} s ({output['graph_jobs']} jobs, "
-        f"+{gr - mp:.0f} s); single node, {output['cpus']} CPUs"
-    )
+    mp, mp_cpu = output["multiproc"]
+    parts = [f"MultiProc {mp:.0f} s ({mp_cpu:.0f} CPU s)"]
+    for name, key in (("SLURM", "slurm"), ("SLURMGraph", "graph")):
+        wall, host_cpu, jobs_cpu, n_jobs = output[key]
+        parts.append(
+            f"{name} {wall:.0f} s (+{wall - mp:.0f} s; {n_jobs} jobs, {jobs_cpu:.0f} CPU s "
+            f"in jobs + {host_cpu:.0f} on the submitting host)"
+        )
+    return "; ".join(parts) + f"; one node, {output['cpus']} CPUs"
 
 
 def rows() -> list[Benchmark]:
