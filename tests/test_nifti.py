@@ -82,3 +82,20 @@ def test_bad_file_error_names_the_file(tmp_path):
 def test_singular_affine_rejected():
     with pytest.raises(ValueError, match="singular"):
         b0_direction_from_affine(np.diag([1.0, 1.0, 0.0, 1.0]) + np.eye(4) * 0)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave mkstemp's 0600 mode: other users read BIDS outputs."""
+    import os
+    import stat
+
+    from qsmflow.io.nifti import save_nifti, write_json
+
+    old = os.umask(0o022)
+    try:
+        img = save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), tmp_path / "a.nii.gz")
+        side = write_json({"Units": "ppm"}, tmp_path / "a.json")
+    finally:
+        os.umask(old)
+    for path in (img, side):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path

@@ -142,6 +142,11 @@ class atomic_path:
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is None:
+            # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less
+            # the umask) so other users (and containers running as another uid) can read it
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
