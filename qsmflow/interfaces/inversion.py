@@ -23,7 +23,7 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "ilsqr": ("ilsqr", {}),
     "star": ("star_qsm", {}),
     "medi": ("medi", {"regularization": "lam", "b0_tesla": "b0_tesla"}),
-    "ndi": ("ndi", {"b0_tesla": "b0_tesla"}),
+    "ndi": ("ndi", {"b0_tesla": "b0_tesla", "support_constraint": "support"}),
     "tgv": ("tgv", {}),
     "tv": ("tv_admm", {"regularization": "lambda_", "b0_tesla": "b0_tesla"}),
     "rts": ("rts", {}),
@@ -54,6 +54,10 @@ class _DipoleInversionInputSpec(ThreadedInputSpec):
     )
     tikhonov_penalty = traits.Enum(
         "gradient", "identity", desc="Tikhonov penalty: gradient (mm^2 lambda) or identity"
+    )
+    support_constraint = traits.Bool(
+        desc="ndi: keep chi inside the mask (better for background-free local fields, worse "
+        "with residual background; default off)"
     )
 
 
