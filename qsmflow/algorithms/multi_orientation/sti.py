@@ -574,7 +574,7 @@ def sti(
     kspace_damping: float = 1e-3,
     mean_iter: int = 10,
     init_mean: np.ndarray | None = None,
-    pad_factor: float = 1.25,
+    pad_factor: float = 1.0,
     n_threads: int = 1,
 ) -> STIResult:
     """Susceptibility tensor from local fields of several head orientations (Liu 2010).
@@ -614,7 +614,10 @@ def sti(
     init_mean : (x, y, z) array, optional
         A mean susceptibility (ppm) to start from instead (e.g. a COSMOS map).
     pad_factor : float
-        Zero padding per axis before the FFT.
+        Zero padding per axis before the FFT (1: fast FFT lengths only). Fields and tensor are
+        confined to the mask, so the circular wrap-around of the far field costs little: on the
+        2 mm benchmark head chi33 NRMSE is 15.0 % without padding and 14.9 % with 1.25x, at
+        about 60 % of the time.
     n_threads : int
         FFT workers.
     """
