@@ -631,6 +631,28 @@ def test_one_squeue_call_answers_a_polling_round(monkeypatch):
     assert plugin._is_pending(ids[0]) and plugin.per_job_checks == 1
 
 
+def test_batch_plugins_keep_their_nipype_names_and_fixes():
+    from nipype.pipeline import plugins as nipype_plugins
+
+    slurm = plugins.plugin_instance("SLURM", {"sbatch_args": "--qos=low"})
+    assert type(slurm).__name__ == "SLURMPlugin"  # Nipype derives the plugin's name from it
+    assert isinstance(slurm, nipype_plugins.SLURMPlugin)
+    assert isinstance(slurm, plugins._OneSqueuePerPoll)
+    assert isinstance(slurm, plugins._TracebackLines)
+    pbs = plugins.plugin_instance("PBS", {"qsub_args": "-l nodes=1:ppn=2"})
+    assert isinstance(pbs, nipype_plugins.PBSPlugin) and isinstance(pbs, plugins._TracebackLines)
+    assert not isinstance(pbs, plugins._OneSqueuePerPoll)
+    graph = plugins.plugin_instance("SLURMGraph", {"dont_resubmit_completed_jobs": True})
+    assert type(graph) is nipype_plugins.SLURMGraphPlugin
+
+    class Base:
+        def _get_result(self, taskid):
+            return {"result": None, "traceback": "Traceback\nOSError: job 7 vanished\n"}
+
+    fixed = type("X", (plugins._TracebackLines, Base), {})()
+    assert fixed._get_result(7)["traceback"] == ["Traceback\n", "OSError: job 7 vanished\n"]
+
+
 def test_node_resources_become_sbatch_options(tmp_path):
     from qsmflow.workflows import init_qsmflow_wf
     from qsmflow.workflows.pipelines import load_pipeline
