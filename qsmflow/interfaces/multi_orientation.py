@@ -332,7 +332,7 @@ class _STIInputSpec(_MultiFieldInputSpec):
     regularization = traits.Float(
         0.0, usedefault=True, desc="anisotropy penalty lambda (0: plain STI, >= 6 orientations)"
     )
-    max_iter = traits.Int(15, usedefault=True, desc="LSQR iterations")
+    max_iter = traits.Int(13, usedefault=True, desc="LSQR iterations")
 
 
 class _STIOutputSpec(TraitedSpec):
