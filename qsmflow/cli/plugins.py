@@ -378,6 +378,9 @@ def plan_execution(
                 # leave a tenth for the Python process that schedules the nodes
                 plugin_args["memory_gb"] = round(0.9 * allocation[1], 2)
         plugin_args.setdefault("raise_insufficient", False)
+        # workers start from a clean server process, not a fork of this one: a fork of a
+        # process whose OpenMP/numba/BLAS thread pools are running can die or hang in the child
+        plugin_args.setdefault("mp_context", "forkserver")
         notes.append(f"{plugin_args['n_procs']} processes")
         if "memory_gb" in plugin_args:
             notes.append(f"{plugin_args['memory_gb']} GB")

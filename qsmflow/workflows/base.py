@@ -13,6 +13,7 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces import DerivativesDataSink, QCReport
 from ..io.bids import Acquisition
+from .multi_orientation import group_orientations, init_multi_orientation_wf
 from .qsm import init_qsm_wf
 
 _METHOD_TEXT = {
@@ -191,6 +192,7 @@ def init_subject_wf(
     segs = [a.segmentation for a in acquisitions]
     if all(segs):
         report.inputs.segmentation = segs
+    qsm_wfs: dict[int, pe.Workflow] = {}
     for index, acq in enumerate(acquisitions, start=1):
         tag = _safe(acq.label.removeprefix(f"sub-{subject}").strip("_")) or "main"
         qsm = init_qsm_wf(
@@ -239,7 +241,42 @@ def init_subject_wf(
             if field in merges and not (suffix == "magnitude" and desc):
                 wf.connect(sink, "out_file", merges[field], f"in{index}")
         wf.connect(qsm, "outputnode.unwrapped", merges["unwrapped"], f"in{index}")
+        qsm_wfs[id(acq)] = qsm
+    if pipeline["multi_orientation"]:
+        _connect_multi_orientation(
+            wf, acquisitions, qsm_wfs, pipeline, output_dir, raw_root, n_threads
+        )
     return wf
+
+
+def _connect_multi_orientation(wf, acquisitions, qsm_wfs, pipeline, output_dir, raw_root, n):
+    """COSMOS/STI for every group of >= 2 orientations (acquisitions differing only in the
+    pipeline's ``orientation_entity``), fed by each orientation's QSM workflow."""
+    entity = pipeline["orientation_entity"]
+    for members in group_orientations(acquisitions, entity).values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        tag = _safe(first.label.removeprefix(f"sub-{first.subject}").strip("_")) or "main"
+        multi = init_multi_orientation_wf(
+            n_orientations=len(members),
+            n_voxels=max(math.prod(a.shape) for a in members),
+            group_entity=entity,
+            output_dir=str(output_dir),
+            raw_root=str(raw_root),
+            source_files=[a.phase[0] for a in members],
+            n_threads=n,
+            name=f"multi_orientation_{tag}_wf",
+        )
+        for field, port in (
+            ("magnitude", "magnitudes"),
+            ("local_field", "local_fields"),
+            ("local_mask", "masks"),
+        ):
+            merge = pe.Node(niu.Merge(len(members)), name=f"orientations_{tag}_{field}")
+            for i, acq in enumerate(members, start=1):
+                wf.connect(qsm_wfs[id(acq)], f"outputnode.{field}", merge, f"in{i}")
+            wf.connect(merge, "out", multi, f"inputnode.{port}")
 
 
 def init_qsmflow_wf(

@@ -63,6 +63,9 @@ CITATIONS: dict[str, str] = {
     "2018;80:814-821.",
     "echo-average": "Stewart AW et al. QSMxT: Robust masking and artifact reduction for "
     "quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.",
+    "multi-orientation": "Liu T et al. Calculation of susceptibility through multiple orientation "
+    "sampling (COSMOS). Magn Reson Med 2009;61:196-204; Liu C. Susceptibility tensor imaging. "
+    "Magn Reson Med 2010;63:1471-1477.",
     "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
     "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
 }
@@ -78,6 +81,7 @@ def citations_for(pipeline: dict[str, Any]) -> list[str]:
         pipeline["bfr_method"],
         pipeline["inversion_method"],
         pipeline.get("combine", "fit"),
+        "multi-orientation" if pipeline.get("multi_orientation") else "",
     ]
     out: list[str] = []
     for key in keys:

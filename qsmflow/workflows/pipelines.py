@@ -13,6 +13,8 @@ OPTIONS: dict[str, Any] = {
     "mask_method": ("phase-quality", "bet", "fsl-bet", "magnitude-threshold", "threshold"),
     "bet_exclude_csf": bool,
     "two_pass": bool,
+    "multi_orientation": bool,
+    "orientation_entity": ("acq", "run", "ses"),
     "bet_frac": (0.0, 1.0),
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
