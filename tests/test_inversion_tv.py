@@ -16,6 +16,7 @@ import importlib
 import numpy as np
 import pytest
 
+from qsmflow.algorithms._numba import numba_threads
 from qsmflow.algorithms.dipole import forward_field
 from qsmflow.algorithms.inversion import _common
 from qsmflow.algorithms.inversion.direct import tkd
@@ -76,7 +77,7 @@ def test_kernels_match_common_operators():
     w = (rng.random((3, *shape)) > 0.3).astype(np.float32)
     inv_d = 1.0 / np.asarray(vox)
     tvmod._compile_kernels()
-    with tvmod._numba_threads(2):
+    with numba_threads(2):
         div = np.empty(shape, np.float32)
         tvmod._k_divergence(zu, inv_d, div)
         np.testing.assert_allclose(div, _common.divergence(zu, vox), atol=1e-5)

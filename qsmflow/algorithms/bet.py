@@ -73,6 +73,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial import ConvexHull, cKDTree
 
+from ._numba import jit
+
 __all__ = ["bet", "icosphere", "mesh_to_mask", "robust_parameters", "self_intersects"]
 
 # Smith 2002, section "Brain surface model": curvature limits (mm) of the smoothness sigmoid.
@@ -315,15 +317,12 @@ def _compile_kernels() -> None:
         if _compiled:
             return
         try:
-            import numba
+            import numba  # noqa: F401  (a clear message when it is missing)
         except ImportError as exc:  # pragma: no cover - numba is a dependency
             raise ImportError("the built-in BET needs numba (pip install numba)") from exc
         g = globals()
         for name in _KERNELS:
-            try:
-                g[name] = numba.njit(cache=True, nogil=True)(g[name])
-            except RuntimeError:  # "cannot cache function ...: no locator available"
-                g[name] = numba.njit(cache=False, nogil=True)(g[name])
+            g[name] = jit(g[name], nogil=True)
         _compiled = True
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.fft
 from scipy.sparse.linalg import LinearOperator, lsmr
 
+from .._numba import numba_threads
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
 from ._common import check_inversion_inputs, gradient_symbols
@@ -234,7 +235,7 @@ def rts(
     zu = np.zeros((3, *shape), np.float32)
     div = np.empty(shape, np.float32)
     ones = np.ones((3, 1, 1, 1), np.float32)
-    with _tv._numba_threads(nt):
+    with numba_threads(nt):
         # ADMM from chi_1: the first z update is z = shrink(grad chi_1, 1 / rho), u = grad
         # chi_1 - z. (Starting instead from z = grad chi_1, u = 0 makes the first chi update
         # return chi_1 itself, so that the relative-change test ends step 2 before it starts.)

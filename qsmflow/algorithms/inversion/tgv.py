@@ -71,6 +71,7 @@ import scipy.fft
 from scipy import ndimage
 
 from ... import GAMMA_BAR_MHZ_PER_T
+from .._numba import jit, numba_threads
 from ..dipole import dipole_kernel
 from ..fft import padded_shape
 from ._common import check_inversion_inputs, gradient_symbols
@@ -258,10 +259,7 @@ def _compile_kernels() -> None:
         _prange = numba.prange
         kernels = {}
         for name, fn in (("dual", _dual_update), ("primal", _primal_update)):
-            try:
-                kernels[name] = numba.njit(parallel=True, cache=True, nogil=True)(fn)
-            except RuntimeError:  # "cannot cache function ...: no locator available"
-                kernels[name] = numba.njit(parallel=True, cache=False, nogil=True)(fn)
+            kernels[name] = jit(fn, parallel=True, nogil=True)
         _dual_update, _primal_update = kernels["dual"], kernels["primal"]
         _compiled = True
 
@@ -389,12 +387,8 @@ def _solve(
     a0 = np.float32(alpha0)
 
     _compile_kernels()
-    import numba
-
-    previous_threads = numba.get_num_threads()
-    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
     n_done = 0
-    try:
+    with numba_threads(n_threads):
         for n_done in range(1, int(max_iter) + 1):  # noqa: B007 - n_done is reported
             _dual_update(chib, wb, d_chib, f, m, m0, rows, p, q, eta, sig, sig, sig, a1, a0, *h_inv)
             d_eta = dipole(eta)
@@ -421,8 +415,6 @@ def _solve(
             num, den = change.sum(axis=0)
             if den > 0 and math.sqrt(num / den) < tol:
                 break
-    finally:
-        numba.set_num_threads(previous_threads)
     return chi, n_done
 
 

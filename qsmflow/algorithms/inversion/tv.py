@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
+from .._numba import jit, numba_threads
 from ..dipole import dipole_kernel
 from ..fft import crop_centered, pad_centered, padded_shape
 from ..regularization import lcurve_corner
@@ -295,29 +296,8 @@ def _compile_kernels() -> None:
         g = globals()
         for name in _KERNELS:
             fast = name in _FASTMATH
-            try:
-                g[name] = numba.njit(cache=True, parallel=True, fastmath=fast)(g[name])
-            except RuntimeError:  # "cannot cache function ...: no locator available"
-                g[name] = numba.njit(cache=False, parallel=True, fastmath=fast)(g[name])
+            g[name] = jit(g[name], parallel=True, fastmath=fast)
         _compiled = True
-
-
-class _numba_threads:
-    """Context manager: run numba's parallel loops on ``n`` threads."""
-
-    def __init__(self, n: int) -> None:
-        import numba
-
-        self._numba = numba
-        self._n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-
-    def __enter__(self):
-        self._old = self._numba.get_num_threads()
-        self._numba.set_num_threads(self._n)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._numba.set_num_threads(self._old)
 
 
 # ------------------------------------------------------------------------------ the solver
@@ -461,7 +441,7 @@ def _admm(
     div = np.empty(shape, np.float32)
     update = math.inf
     it = 0
-    with _numba_threads(nt):
+    with numba_threads(nt):
         while it < int(max_iter):
             it += 1
             # chi: (mu D^2 + rho |E|^2) X = mu D F(y - u_y) + rho F(grad^T (z - u))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
+from .._numba import jit, numba_threads
 from ..dipole import normalize_b0_dir
 from ..fft import crop_centered, kspace_grid, pad_centered, padded_shape
 
@@ -405,29 +406,8 @@ def _compile() -> None:
         g = globals()
         for name in _KERNELS:
             parallel = name != "_k_coefficients"
-            try:
-                g[name] = numba.njit(cache=True, parallel=parallel)(g[name])
-            except RuntimeError:  # no writable cache location
-                g[name] = numba.njit(cache=False, parallel=parallel)(g[name])
+            g[name] = jit(g[name], parallel=parallel)
         _compiled = True
-
-
-class _numba_threads:
-    """Context manager: numba's parallel loops on ``n`` threads."""
-
-    def __init__(self, n: int) -> None:
-        import numba
-
-        self._numba = numba
-        self._n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-
-    def __enter__(self):
-        self._old = self._numba.get_num_threads()
-        self._numba.set_num_threads(self._n)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._numba.set_num_threads(self._old)
 
 
 class _MaskedSystem:
@@ -671,7 +651,7 @@ def sti(
 
         damp = (deviatoric, deviatoric)
     _compile()
-    with _numba_threads(n_threads):
+    with numba_threads(n_threads):
         x = system.initial(data)
         if init_mean is None and mean_iter > 0:
             from .cosmos import cosmos_cg

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._numba import jit
+
 __all__ = ["region_growing_unwrap", "romeo_quality_map"]
 
 _N_LEVELS = 256  # level 0 = no edge, 1..255 = quantised weight
@@ -68,15 +70,12 @@ def _compile_kernels() -> None:
         if _compiled:
             return
         try:
-            import numba
+            import numba  # noqa: F401  (a clear message when it is missing)
         except ImportError as exc:
             raise ImportError("region-growing unwrapping needs numba (pip install numba)") from exc
         g = globals()
         for name in _KERNELS:  # callers find their callees through these globals
-            try:
-                g[name] = numba.njit(cache=True, nogil=True)(g[name])
-            except RuntimeError:  # "cannot cache function ...: no locator available"
-                g[name] = numba.njit(cache=False, nogil=True)(g[name])
+            g[name] = jit(g[name], nogil=True)
         _compiled = True
 
 
