@@ -40,6 +40,14 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     desc = traits.Str(desc="BIDS desc entity (e.g. brain, local)")
     datatype = traits.Str("anat", usedefault=True, desc="BIDS datatype folder (anat, fmap)")
     metadata = traits.Dict(desc="JSON sidecar fields (units, method, parameters)")
+    drop_entities = traits.List(
+        traits.Str,
+        desc="entities of source_file left out of the name (e.g. acq for maps that "
+        "combine orientations)",
+    )
+    sources = traits.List(
+        traits.Str, desc="raw files the output derives from (sidecar Sources; default source_file)"
+    )
     in_metadata_file = File(
         exists=True,
         desc="JSON written by the step that made in_file (e.g. BrainMask's out_sidecar); its "
@@ -62,6 +70,8 @@ class DerivativesDataSink(SimpleInterface):
 
     def _run_interface(self, runtime):
         ents = source_entities(self.inputs.source_file)
+        for key in self.inputs.drop_entities if isdefined(self.inputs.drop_entities) else []:
+            ents.pop(key, None)
         if isdefined(self.inputs.desc) and self.inputs.desc:
             ents["desc"] = self.inputs.desc
         rel = bids_path(ents, self.inputs.suffix, datatype=self.inputs.datatype)
@@ -73,10 +83,14 @@ class DerivativesDataSink(SimpleInterface):
             extra = json.loads(Path(self.inputs.in_metadata_file).read_text())
             side.update({k: v for k, v in extra.items() if k != "Sources"})
         if isdefined(self.inputs.raw_root):
-            src = Path(self.inputs.source_file).relative_to(self.inputs.raw_root).as_posix()
-            side.setdefault("Sources", [f"bids:raw:{src}"])
+            sources = list(self.inputs.sources) if isdefined(self.inputs.sources) else []
+            rels = [
+                Path(f).relative_to(self.inputs.raw_root).as_posix()
+                for f in sources or [self.inputs.source_file]
+            ]
+            side.setdefault("Sources", [f"bids:raw:{r}" for r in rels])
             if self.inputs.suffix not in ("magnitude",):
-                side.setdefault("SpatialReference", f"bids:raw:{src}")
+                side.setdefault("SpatialReference", f"bids:raw:{rels[0]}")
         side.setdefault("SkullStripped", self.inputs.suffix in ("Chimap",))
         write_json(side, out.with_name(out.name.replace(".nii.gz", ".json")))
         self._results["out_file"] = str(out)

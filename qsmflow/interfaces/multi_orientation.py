@@ -30,10 +30,9 @@ from ..algorithms.multi_orientation import (
     sti,
 )
 from ..algorithms.multi_orientation.registration import transform_similarity
-from ..io.bids import bids_path
-from ..io.nifti import atomic_path, load_nifti, read_json, save_nifti, voxel_sizes, write_json
+from ..io.nifti import load_nifti, read_json, save_nifti, voxel_sizes, write_json
 from ._common import ThreadedInputSpec, output_path
-from .bids import DerivativesDataSink, _DerivativesDataSinkInputSpec, source_entities
+from .bids import DerivativesDataSink
 
 __all__ = ["RegisterOrientations", "COSMOS", "STI", "MultiOrientationDataSink", "flirt_interface"]
 
@@ -378,41 +377,10 @@ class STI(SimpleInterface):
 
 
 # ------------------------------------------------------------------------------ derivatives
-class _MultiOrientationSinkInputSpec(_DerivativesDataSinkInputSpec):
-    drop_entities = traits.List(
-        traits.Str, desc="entities left out of the name (the grouping entity, e.g. acq)"
-    )
-    sources = traits.List(traits.Str, desc="raw files of every orientation (sidecar Sources)")
-
-
 class MultiOrientationDataSink(DerivativesDataSink):
-    """:class:`DerivativesDataSink` for maps combining orientations: drops the grouping entity.
+    """:class:`DerivativesDataSink` for maps combining orientations (set ``drop_entities`` to
+    the grouping entity and ``sources`` to every orientation's raw file).
 
     ``sub-01_ses-1_acq-ori1_MEGRE`` with ``drop_entities=['acq']`` and ``desc='cosmos'`` gives
     ``sub-01_ses-1_desc-cosmos_Chimap``.
     """
-
-    input_spec = _MultiOrientationSinkInputSpec
-
-    def _run_interface(self, runtime):
-        ents = source_entities(self.inputs.source_file)
-        for key in self.inputs.drop_entities if isdefined(self.inputs.drop_entities) else []:
-            ents.pop(key, None)
-        if isdefined(self.inputs.desc) and self.inputs.desc:
-            ents["desc"] = self.inputs.desc
-        rel = bids_path(ents, self.inputs.suffix, datatype=self.inputs.datatype)
-        out = Path(self.inputs.base_directory) / rel
-        with atomic_path(out) as tmp:
-            shutil.copyfile(self.inputs.in_file, tmp)
-        side = dict(self.inputs.metadata) if isdefined(self.inputs.metadata) else {}
-        sources = list(self.inputs.sources) if isdefined(self.inputs.sources) else []
-        if not sources:
-            sources = [self.inputs.source_file]
-        if isdefined(self.inputs.raw_root):
-            rels = [Path(s).relative_to(self.inputs.raw_root).as_posix() for s in sources]
-            side.setdefault("Sources", [f"bids:raw:{r}" for r in rels])
-            side.setdefault("SpatialReference", f"bids:raw:{rels[0]}")
-        side.setdefault("SkullStripped", True)
-        write_json(side, out.with_name(out.name.replace(".nii.gz", ".json")))
-        self._results["out_file"] = str(out)
-        return runtime
