@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 
 from qsmflow.cli.dicom2bids import main as dicom2bids
-from qsmflow.dicom.synthetic import DicomFlavour, write_simulated_dicom
+from qsmflow.dicom.synthetic import (
+    DicomFlavour,
+    coil_element_names,
+    dicom_geometry,
+    write_simulated_dicom,
+)
 from qsmflow.io.nifti import b0_direction_from_affine
 from qsmflow.phantom import make_head_model
 from qsmflow.simulate import AcquisitionParams, rotation_matrix, simulate_acquisition
@@ -73,7 +78,26 @@ CASES = {
         (DicomFlavour("ge", multiframe=True, parts=("real", "imag")), "ori1", "QSM", "120000")
     ],
     "GEMP": [(DicomFlavour("ge"), "ori1", "QSM", "120000.000000")],
+    # uncombined channels: GE real/imaginary and magnitude/phase with one series per channel,
+    # GE multi-frame, Philips one series per element and multi-frame (standard coil macro)
+    "GECOIL": [(DicomFlavour("ge", parts=("real", "imag")), "coils", "QSM", "120000.000000")],
+    "GEMPCOIL": [(DicomFlavour("ge"), "coils", "QSM", "120000.000000")],
+    "GEMFCOIL": [
+        (DicomFlavour("ge", multiframe=True, parts=("real", "imag")), "coils", "QSM", "120000")
+    ],
+    "PHICOIL": [(DicomFlavour("philips"), "coils", "FFE_4echo", "120000.000000")],
+    "PHIMFCOIL": [(DicomFlavour("philips", multiframe=True), "coils", "FFE_4echo", "120000")],
+    # GE without the pi on every other slice (the detection must leave it alone)
+    "GENOCHOP": [
+        (DicomFlavour("ge", parts=("real", "imag"), slice_chop=False), "ori2", "QSM", "120000")
+    ],
 }
+#: subjects whose DICOM holds real/imaginary pairs
+COMPLEX_PAIRS = {"GE", "GEMF", "GECOIL", "GEMFCOIL", "GENOCHOP"}
+
+
+def _vendor(subject: str) -> str:
+    return {"SIE": "siemens", "PHI": "philips"}.get(subject[:3], "ge")
 
 
 def _tree_digest(root: Path) -> dict[str, tuple[str, float]]:
@@ -156,6 +180,12 @@ EXPECTED = {
     ("GE", None): "ori2",
     ("GEMF", None): "ori1",
     ("GEMP", None): "ori1",
+    ("GECOIL", None): "coils",
+    ("GEMPCOIL", None): "coils",
+    ("GEMFCOIL", None): "coils",
+    ("PHICOIL", None): "coils",
+    ("PHIMFCOIL", None): "coils",
+    ("GENOCHOP", None): "ori2",
 }
 PHASE_STEP = {"SIE": np.pi / 2048, "PHI": 2 * np.pi / 4095, "GE": 1e-3}
 
@@ -184,13 +214,18 @@ def test_round_trip_matches_simulation(converted, sims, subject, run):
     prefix = f"sub-{subject}/anat/sub-{subject}" + (f"_run-{run}" if run else "")
     mag_step = float(np.abs(sim.magnitude).max()) * 1.05 / 4095
     vendor = subject[:3] if subject[:3] in PHASE_STEP else subject[:2]
-    complex_pair = subject in ("GE", "GEMF")
+    complex_pair = subject in COMPLEX_PAIRS
     for e, te in enumerate(TES):
         mag, aff_m, side_m = _load(bids, f"{prefix}_echo-{e + 1}_part-mag_MEGRE.nii.gz")
         phase, aff_p, side_p = _load(bids, f"{prefix}_echo-{e + 1}_part-phase_MEGRE.nii.gz")
         assert side_p["EchoTime"] == pytest.approx(te) and side_m["EchoTime"] == pytest.approx(te)
         assert side_p["MagneticFieldStrength"] == pytest.approx(3.0)
         assert side_p["Units"] == "rad"
+        # GE phase is negated on conversion (opposite handedness), the others kept
+        assert side_p["PhasePolarityInverted"] is (_vendor(subject) == "ge")
+        # GE's pi on every other slice detected and undone (absent for other vendors)
+        chop = side_p.get("SliceChopCorrected")
+        assert chop is (subject != "GENOCHOP" if _vendor(subject) == "ge" else None)
         mag, perm = _to_reference(mag, aff_m, sim.affine)
         phase, _ = _to_reference(phase, aff_p, sim.affine)
         # B0 along the same voxel direction as in the simulation (signs follow the axis flips)
@@ -209,8 +244,11 @@ def test_round_trip_matches_simulation(converted, sims, subject, run):
             assert np.abs(mag - true_mag).max() <= mag_step / 2 * 1.001 + 1e-6
             err = np.abs(_wrap(phase - true_phase)).max()
             assert err <= PHASE_STEP[vendor] / 2 * 1.01 + 1e-6, err
-        if "COIL" in subject:
-            assert side_p["ReceiveCoilActiveElements"] == "H1,H2"
+        if "COIL" in subject:  # channels in the vendor's element order, along the 4th axis
+            names = ",".join(coil_element_names(_vendor(subject), 2))
+            assert side_p["ReceiveCoilActiveElements"] == names
+            assert side_m["ReceiveCoilActiveElements"] == names
+            assert phase.shape == mag.shape == (*MATRIX, 2)
 
 
 def test_orientations_are_runs_with_their_own_b0_direction(converted, sims):
@@ -230,7 +268,15 @@ def test_t1w_and_coil_dimension(converted, sims):
     t1, _ = _to_reference(t1, aff, sims["t1"].affine)
     step = float(sims["t1"].magnitude.max()) * 1.05 / 4095
     assert np.abs(t1 - sims["t1"].magnitude[..., 0]).max() <= step / 2 * 1.001 + 1e-6
-    for subject in ("SIECOIL", "SIEMFCOIL"):
+    for subject in (
+        "SIECOIL",
+        "SIEMFCOIL",
+        "GECOIL",
+        "GEMPCOIL",
+        "GEMFCOIL",
+        "PHICOIL",
+        "PHIMFCOIL",
+    ):
         coil = nib.load(bids / f"sub-{subject}/anat/sub-{subject}_echo-1_part-phase_MEGRE.nii.gz")
         assert coil.shape == (*MATRIX, 2)
 
@@ -509,3 +555,143 @@ def test_coil_names_from_the_csa_header(sims, tmp_path):
         ds.save_as(path)
     (acq,) = find_acquisitions(scan_dicom(tmp_path))
     assert acq.coils == ["H1", "H2"] and acq.problems == []
+
+
+def _field_hz(phase1: np.ndarray, phase2: np.ndarray) -> np.ndarray:
+    """Frequency offset (Hz) from two echoes' phase (rad), DESIGN.md's phase model."""
+    return _wrap(phase2 - phase1) / (2 * np.pi * (TES[1] - TES[0]))
+
+
+def test_ge_phase_polarity_gives_the_siemens_field_sign(converted, sims, dicom_dir, tmp_path):
+    """The same simulated field through the Siemens and the GE flavours (GE stores the other
+    handedness) comes out of the conversion with the same sign, the sign of the true field;
+    --phase-polarity keep gives the GE scanner's own (opposite) sign and says so."""
+    import pydicom
+
+    bids, *_ = converted
+    sim = sims["ori1"]
+    true_hz = sim.total_field_ppm * 1e-6 * 42.57747892e6 * sim.params.b0_tesla
+    inside = sim.mask & (sim.magnitude[..., 1] > 0.2 * sim.magnitude[..., 1].max())
+
+    def field(root: Path, prefix: str) -> np.ndarray:
+        out = []
+        for e in (1, 2):
+            data, aff, _ = _load(root, f"{prefix}_echo-{e}_part-phase_MEGRE.nii.gz")
+            out.append(_to_reference(data, aff, sim.affine)[0])
+        return _field_hz(*out)
+
+    fields = {
+        "SIE": field(bids, "sub-SIE/anat/sub-SIE_run-1"),
+        "GEMP": field(bids, "sub-GEMP/anat/sub-GEMP"),
+        "GEMF": field(bids, "sub-GEMF/anat/sub-GEMF"),
+    }
+    for name, hz in fields.items():
+        err = np.abs(hz - true_hz)[inside]
+        assert np.median(err) < 0.5, (name, np.median(err))  # Hz; the field spans ~+-30 Hz
+        assert np.corrcoef(hz[inside], true_hz[inside])[0, 1] > 0.99, name
+    # the GE DICOM holds the opposite sign (what a GE scanner writes): milliradians of -phase
+    ge_files = sorted((dicom_dir / "GEMP" / "s0").glob("*.dcm"))
+    ds = next(d for d in map(pydicom.dcmread, ge_files) if d[0x0043, 0x102F].value == 1)
+    echo = int(ds.EchoNumbers) - 1
+    stored = ds.pixel_array.T.astype(np.float32) / 1000
+    positions = dicom_geometry(sim.affine, MATRIX[2])[2]
+    slice_k = next(
+        i for i, pos in enumerate(positions) if np.allclose(pos, ds.ImagePositionPatient)
+    )
+    truth = sim.phase[:, :, slice_k, echo]
+    assert np.abs(_wrap(stored + truth)).max() <= 0.5e-3 + 1e-6
+    # keep: the scanner's sign, recorded in the sidecar
+    keep = tmp_path / "keep"
+    args = [str(dicom_dir / "GEMP"), str(keep), "--quiet", "--phase-polarity", "keep"]
+    assert dicom2bids(args) == 0
+    kept = field(keep, "sub-GEMP/anat/sub-GEMP")
+    np.testing.assert_allclose(kept[inside], -fields["GEMP"][inside], atol=0.05)
+    side = json.loads((keep / "sub-GEMP/anat/sub-GEMP_echo-1_part-phase_MEGRE.json").read_text())
+    assert side["PhasePolarityInverted"] is False
+    side = json.loads((bids / "sub-GEMP/anat/sub-GEMP_echo-1_part-phase_MEGRE.json").read_text())
+    assert side["PhasePolarityInverted"] is True and "GE" in side["PhasePolarityNote"]
+
+
+@pytest.mark.parametrize("subject", ["SIECOIL", "GECOIL", "GEMPCOIL", "PHICOIL", "PHIMFCOIL"])
+def test_coil_data_combine_with_mcpc3ds(converted, sims, subject):
+    """The 4-D coil images of every vendor feed MCPC-3D-S (the pipeline's coil combination):
+    the field of the combined phase matches the simulated field as well as the combination of
+    the simulator's own channels does."""
+    from qsmflow.algorithms.echoes.coils import mcpc3ds
+
+    bids, *_ = converted
+    sim = sims["coils"]
+    mags, phases = [], []
+    for e in range(len(TES)):
+        prefix = f"sub-{subject}/anat/sub-{subject}_echo-{e + 1}"
+        mag, aff, _ = _load(bids, f"{prefix}_part-mag_MEGRE.nii.gz")
+        phase, _, _ = _load(bids, f"{prefix}_part-phase_MEGRE.nii.gz")
+        mags.append(_to_reference(mag, aff, sim.affine)[0])
+        phases.append(_to_reference(phase, aff, sim.affine)[0])
+    mag = np.stack(mags, axis=3)  # (x, y, z, echo, coil)
+    phase = np.stack(phases, axis=3)
+    got = mcpc3ds(mag, phase, TES, VOXEL)
+    ref = mcpc3ds(sim.magnitude, sim.phase, TES, VOXEL)
+    true_hz = sim.total_field_ppm * 1e-6 * 42.57747892e6 * sim.params.b0_tesla
+    inside = sim.mask & (ref.magnitude[..., 1] > 0.2 * ref.magnitude[..., 1].max())
+    err = np.abs(_field_hz(got.phase_rad[..., 0], got.phase_rad[..., 1]) - true_hz)[inside]
+    ref_err = np.abs(_field_hz(ref.phase_rad[..., 0], ref.phase_rad[..., 1]) - true_hz)[inside]
+    assert np.median(err) <= np.median(ref_err) + 0.05, (np.median(err), np.median(ref_err))
+    assert np.median(err) < 1.0  # Hz
+
+
+def test_missing_channel_is_reported_not_converted(sims, tmp_path, capsys):
+    """Philips channel series where one element lacks an echo: reported, nothing written, the
+    input folder untouched."""
+    import pydicom
+
+    src = tmp_path / "dicom"
+    for path in write_simulated_dicom(sims["coils"], src, DicomFlavour("philips")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if int(ds.SeriesNumber) == 2 and int(ds.EchoNumbers) == 3:
+            path.unlink()
+    before = _tree_digest(src)
+    bids = tmp_path / "ds"
+    assert dicom2bids([str(src), str(bids), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "not converted" in out and "lacks coil(s) ['E2']" in out
+    assert not bids.exists()
+    assert _tree_digest(src) == before
+
+
+def test_corrupt_header_is_reported_by_path(sims, tmp_path, capsys):
+    """A file that claims to be DICOM but whose header is garbage is reported by path (with
+    the reason) and the good series next to it still converts."""
+    src = tmp_path / "dicom"
+    write_simulated_dicom(sims["ori1"], src / "good", DicomFlavour("philips"), patient_id="OK")
+    rng = np.random.default_rng(0)
+    meta = b"\0" * 128 + b"DICM"
+    (src / "bad1.dcm").write_bytes(meta + b"\x02\x00\x10\x00UI\xff\x7f" + rng.bytes(300))
+    sop = b"\x02\x00\x02\x00UI\x40\x00" + rng.bytes(64)  # a SOP class "UID" of garbage
+    (src / "bad2.dcm").write_bytes(meta + sop + rng.bytes(200))
+    bids = tmp_path / "ds"
+    with pytest.warns(UserWarning):  # pydicom warns about the garbage values
+        assert dicom2bids([str(src), str(bids), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("2 corrupt DICOM file(s) (not used):")[1].splitlines()[1:3]
+    assert sorted(line.split(":")[0].strip() for line in listed) == [
+        str(src / "bad1.dcm"),
+        str(src / "bad2.dcm"),
+    ]
+    assert all("damaged header" in line for line in listed)
+    assert len(list((bids / "sub-OK/anat").glob("*.nii.gz"))) == 2 * len(TES)
+
+
+@pytest.mark.parametrize("name", ["ori1", "ori2", "coils"])
+def test_slice_chop_detection_on_simulations(sims, name):
+    """Every echo of the simulated heads (axial, tilted and oblique, per channel) is detected
+    as unchopped, and with pi on every other slice as chopped, whichever slices carry it."""
+    from qsmflow.dicom.convert import detect_slice_chop
+
+    signal = sims[name].complex_signal
+    sign = np.where(np.arange(MATRIX[2]) % 2 == 1, -1, 1).astype(np.float32)
+    for e in range(len(TES)):
+        echo = signal[:, :, :, e]
+        assert not detect_slice_chop(echo)
+        chop = sign.reshape(1, 1, -1, *([1] * (echo.ndim - 3)))
+        assert detect_slice_chop(echo * chop) and detect_slice_chop(echo * -chop)

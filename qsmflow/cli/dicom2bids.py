@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "multi-orientation pipeline groups by default)",
     )
     p.add_argument(
+        "--phase-polarity",
+        choices=("auto", "keep", "invert"),
+        default="auto",
+        help="sign of the phase written: 'auto' (default) negates GE phase, whose handedness is "
+        "opposite to Siemens and Philips, so that a positive frequency offset accrues positive "
+        "phase for every vendor; 'keep' writes the scanner's sign; 'invert' negates all phase. "
+        "The phase sidecars record it (PhasePolarityInverted)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the planned file names and write nothing"
     )
     p.add_argument(
@@ -131,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             n_threads=args.nprocs,
             progress=progress,
+            phase_polarity=args.phase_polarity,
         )
     except (OSError, ValueError) as exc:
         return fail(prog, exc)

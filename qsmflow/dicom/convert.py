@@ -14,6 +14,19 @@ volume whatever dcm2niix calls it. Then
   milliradians; anything else detected from the data range. Siemens integer phase is stored
   as int16 with a NIfTI scale of pi/4096 (or pi/2048) rad per step: exactly the DICOM values;
 * GE real/imaginary pairs become magnitude ``|re + i im|`` and phase ``angle(re + i im)``;
+* phase polarity: GE images have the opposite handedness to Siemens and Philips (GE phase,
+  and the phase of GE real/imaginary pairs, runs the other way for the same field; the MEDI
+  toolbox reads GE with phase sign +1 and Siemens/Philips with -1, QSMxT negates GE phase on
+  import). With ``phase_polarity="auto"`` GE phase is negated, so that every vendor gives
+  qsmflow's convention (DESIGN.md section 2: a positive field offset accrues positive phase
+  with TE, as Siemens and Philips store it); ``"keep"`` and ``"invert"`` override it. The phase
+  sidecar records what was done (``PhasePolarityInverted``);
+* GE slice chop: GE's 3-D reconstruction can leave an extra pi of phase on every other slice
+  (the MEDI toolbox's GE reader negates every other slice, QSMxT shifts GE k-space by half
+  the slices). It is detected from the data (neighbouring slices of the first echo
+  anti-correlated, :func:`detect_slice_chop`) and undone by negating the complex values of
+  the slices of odd rank along the slice normal; the phase sidecar records it
+  (``SliceChopCorrected``);
 * uncombined receive channels are stacked along a 4th (coil) axis, in coil-name order, as
   MCPC-3D-S (Eckstein et al., MRM 2018) expects;
 * images and JSON sidecars are written atomically under the names planned by
@@ -45,11 +58,14 @@ from .naming import OutputFile, PlannedAcquisition, load_mapping, plan_names
 from .sort import Acquisition, DicomScan, SeriesInfo, Volume, find_acquisitions, scan_dicom
 
 __all__ = [
+    "PHASE_POLARITIES",
     "ConversionResult",
     "Plan",
     "convert_plan",
+    "detect_slice_chop",
     "dicom_to_bids",
     "phase_encoding",
+    "phase_inverted",
     "plan_dicom_to_bids",
 ]
 
@@ -146,6 +162,63 @@ def plan_dicom_to_bids(
 
 
 # ------------------------------------------------------------------------------ phase scaling
+#: ``phase_polarity`` choices: invert GE phase only (auto), never (keep), always (invert).
+PHASE_POLARITIES = ("auto", "keep", "invert")
+
+
+def phase_inverted(info: SeriesInfo, phase_polarity: str = "auto") -> bool:
+    """Whether the phase of a series is negated on conversion (see the module docstring)."""
+    if phase_polarity not in PHASE_POLARITIES:
+        raise ValueError(
+            f"phase_polarity must be one of {list(PHASE_POLARITIES)}, got {phase_polarity!r}"
+        )
+    if phase_polarity == "auto":
+        return info.vendor == "ge"
+    return phase_polarity == "invert"
+
+
+def _polarity_sidecar(info: SeriesInfo, inverted: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"PhasePolarityInverted": inverted}
+    if inverted:
+        why = "GE images have the opposite handedness" if info.vendor == "ge" else "requested"
+        out["PhasePolarityNote"] = (
+            f"phase negated on conversion ({why}): a positive frequency offset gives phase "
+            "increasing with echo time, as Siemens and Philips store it"
+        )
+    return out
+
+
+def detect_slice_chop(signal: np.ndarray) -> bool:
+    """True when neighbouring slices (axis 2) of complex images are anti-correlated.
+
+    Phase varies smoothly from slice to slice, so ``sum s[:, :, k + 1] * conj(s[:, :, k])``
+    points near 0 rad; an extra pi on every other slice turns it near pi. ``signal`` is
+    (x, y, z[, coil]) complex (any scale); all voxels and channels are summed.
+    """
+    if signal.shape[2] < 2:
+        return False
+    prod = signal[:, :, 1:] * np.conj(signal[:, :, :-1])
+    return float(prod.real.sum(dtype=np.float64)) < 0
+
+
+def _odd_slices(img, volume: Volume) -> np.ndarray:
+    """(z,) bool: the NIfTI slices (axis 2) of odd rank along the DICOM slice normal."""
+    orient = np.asarray(volume.images[0].orientation, dtype=np.float64)
+    normal_ras = np.cross(orient[:3], orient[3:]) * [-1.0, -1.0, 1.0]  # LPS -> RAS
+    n = img.shape[2]
+    rank = np.arange(n) if float(img.affine[:3, 2] @ normal_ras) >= 0 else n - 1 - np.arange(n)
+    return rank % 2 == 1
+
+
+def _negate_steps(steps: np.ndarray, slope: float) -> np.ndarray:
+    """``-steps`` of integer phase (``steps * slope`` rad in [-pi, pi)), wrapped to the same
+    range: the exact integer form of :func:`~qsmflow.algorithms.echoes.flip_polarity`."""
+    half = int(round(np.pi / slope))
+    out = -steps.astype(np.int32)
+    out[out >= half] -= 2 * half
+    return out.astype(np.int16)
+
+
 def phase_encoding(info: SeriesInfo, rescale: tuple[float, float]) -> str:
     """Name of the phase encoding (see ``PHASE_ENCODINGS``) of a vendor's display values.
 
@@ -392,8 +465,9 @@ def _dataset_files(bids_dir: Path, subjects: list[str]) -> None:
         (bids_dir / "README.md").write_text(
             "# DICOM conversion\n\nMulti-echo gradient-echo (and T1w) images converted from "
             f"DICOM by qsmflow-dicom2bids (qsmflow {__version__}) with dcm2niix. Phase is in "
-            "radians; uncombined receive channels, where present, are stacked along the 4th "
-            "axis.\n"
+            "radians, a positive frequency offset accruing positive phase (GE phase is negated "
+            "on conversion; each phase sidecar's PhasePolarityInverted says whether it was); "
+            "uncombined receive channels, where present, are stacked along the 4th axis.\n"
         )
     tsv = bids_dir / "participants.tsv"
     rows: list[dict[str, str]] = []
@@ -454,9 +528,13 @@ def _convert_acquisition(
     work: Path,
     n_threads: int,
     progress: Callable[[str], None] | None,
+    phase_polarity: str = "auto",
 ) -> list[Path]:
+    from ..algorithms.echoes import flip_polarity
+
     acq = plan.acquisition
     volumes, from_complex = _volumes_to_convert(plan)
+    invert = phase_inverted(acq.info, phase_polarity)
 
     folders = _prepare_inputs(volumes, work)
 
@@ -492,6 +570,21 @@ def _convert_acquisition(
             arrays.append(np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3]))
         return np.stack(arrays, axis=3) if len(arrays) > 1 else arrays[0]
 
+    def complex_signal(echo):
+        if from_complex:
+            return load("real", echo) + 1j * load("imag", echo)
+        enc = phase_encoding(acq.info, volumes[0].images[0].rescale)
+        phase = _to_radians(load("phase", echo), enc, f"{acq.description} phase")
+        return load("mag", echo) * np.exp(1j * phase)
+
+    # GE slice chop, decided once per acquisition from its first echo
+    chopped = None
+    if acq.info.vendor == "ge" and any(o.part == "phase" for o in plan.outputs):
+        first = min(o.echo for o in plan.outputs if o.part == "phase")
+        if detect_slice_chop(complex_signal(first)):
+            vol0 = next(v for v in volumes if v.echo == first)
+            chopped = _odd_slices(converted[(vol0.part, first, coils[0])][0], vol0)
+
     def write(out: OutputFile) -> Path:
         src_part = ("real" if from_complex else out.part) if out.part else "mag"
         img, meta = converted[(src_part, out.echo, coils[0])]
@@ -500,24 +593,36 @@ def _convert_acquisition(
         if coils != [None]:
             extra["ReceiveCoilActiveElements"] = ",".join(str(c) for c in coils)
             extra["CoilCombinationMethod"] = "none: one channel per volume along the 4th axis"
+        if out.part == "phase":
+            extra.update(_polarity_sidecar(acq.info, invert))
+            if acq.info.vendor == "ge":
+                extra["SliceChopCorrected"] = chopped is not None
         if from_complex:
             signal = load("real", out.echo) + 1j * load("imag", out.echo)
+            if chopped is not None and out.part == "phase":
+                signal[:, :, chopped] *= -1
             data = np.abs(signal) if out.part == "mag" else np.angle(signal)
             data = data.astype(np.float32)
             extra["ImageType"] = ["DERIVED", "PRIMARY", "M" if out.part == "mag" else "P"]
             if out.part == "phase":
                 data = _to_radians(data, "radians", str(out.path))
+                data = flip_polarity(data) if invert else data
         elif out.part == "phase":
             enc = phase_encoding(acq.info, vol.images[0].rescale)
             display = load("phase", out.echo)
             scaled = _phase_as_scaled_ints(display, enc)
             if scaled is not None:
-                _save_scaled(scaled[0], scaled[1], img, bids_dir / out.path)
+                steps = _negate_steps(scaled[0], scaled[1]) if invert else scaled[0]
+                _save_scaled(steps, scaled[1], img, bids_dir / out.path)
                 write_json(
                     _sidecar(meta, acq, out, vol.echo_time_ms, extra), bids_dir / out.sidecar
                 )
                 return bids_dir / out.path
             data = _to_radians(display, enc, f"{acq.description} phase")
+            if chopped is not None:  # add pi to the chopped slices ([0, 2 pi) -> [-pi, pi))
+                shifted = data[:, :, chopped] + np.float32(np.pi)
+                data[:, :, chopped] = _to_radians(shifted, "0..2pi", str(out.path))
+            data = flip_polarity(data) if invert else data
         else:
             data = None if coils == [None] else load("mag", out.echo)
         target = bids_dir / out.path
@@ -549,13 +654,20 @@ def convert_plan(
     overwrite: bool = False,
     n_threads: int = 1,
     progress: Progress | None = None,
+    phase_polarity: str = "auto",
 ) -> ConversionResult:
     """Write the planned acquisitions into ``bids_dir`` (created, or added to).
 
     Refuses (``FileExistsError``, nothing written) when a planned file exists and not
     ``overwrite``. An acquisition that fails to convert is reported in the result's ``failed``
     (label, reason) and the others still run. ``n_threads`` dcm2niix runs go in parallel.
+    ``phase_polarity`` (``auto``: GE phase negated; ``keep``; ``invert``) see the module
+    docstring.
     """
+    if phase_polarity not in PHASE_POLARITIES:
+        raise ValueError(
+            f"phase_polarity must be one of {list(PHASE_POLARITIES)}, got {phase_polarity!r}"
+        )
     bids_dir = Path(bids_dir).absolute()
     _check_targets(plan, bids_dir, overwrite)
     result = ConversionResult()
@@ -586,7 +698,7 @@ def convert_plan(
             label = "_".join(f"{k}-{v}" for k, v in planned.entities.items() if v is not None)
             try:
                 result.written += _convert_acquisition(
-                    planned, bids_dir, work / f"a{i:03d}", n_threads, step
+                    planned, bids_dir, work / f"a{i:03d}", n_threads, step, phase_polarity
                 )
             except (RuntimeError, ValueError, OSError) as exc:
                 result.failed.append((f"{label} ({planned.acquisition.description})", str(exc)))
@@ -607,6 +719,7 @@ def dicom_to_bids(
     overwrite: bool = False,
     n_threads: int = 1,
     progress: Progress | None = None,
+    phase_polarity: str = "auto",
 ) -> tuple[Plan, ConversionResult]:
     """Sort ``dicom_dir`` and convert it into the BIDS dataset ``bids_dir``."""
     plan = plan_dicom_to_bids(
@@ -620,6 +733,11 @@ def dicom_to_bids(
         n_procs=n_threads,
     )
     result = convert_plan(
-        plan, bids_dir, overwrite=overwrite, n_threads=n_threads, progress=progress
+        plan,
+        bids_dir,
+        overwrite=overwrite,
+        n_threads=n_threads,
+        progress=progress,
+        phase_polarity=phase_polarity,
     )
     return plan, result

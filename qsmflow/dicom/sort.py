@@ -9,9 +9,12 @@ classified by
   private image type (2005,1011) or the ImageType values (Siemens ``M``/``P``, Philips
   ``M_FFE``/``P_FFE``, ``PHASE``, ``REAL``, ``IMAGINARY``);
 * echo: rank of its echo time within the acquisition (EchoNumbers when no echo time is given);
-* receive coil: the Siemens coil element string (0051,100F), the CSA ``ImaCoilString`` or,
-  in enhanced frames, the one element used in the MR Receive Coil macro; an acquisition whose
-  images carry several elements at one slice position holds uncombined channels;
+* receive coil: the Siemens coil element string (0051,100F), the CSA ``ImaCoilString``, or the
+  one element marked used in the standard MR Receive Coil macro (MRReceiveCoilSequence >
+  MultiCoilDefinitionSequence), per frame in enhanced files or at the top level of classic
+  files (how GE and Philips channel images are identified here, one series per channel); an
+  acquisition whose images carry several elements at one slice position holds uncombined
+  channels, and the separate series of its channels are grouped like the parts of one scan;
 * slice: the position of ImagePositionPatient along the slice normal.
 
 Images are grouped into acquisitions by patient, study, protocol, acquisition start time and
@@ -281,8 +284,11 @@ _PHILIPS = "Philips MR Imaging DD 001"
 
 
 def _coil_string(ds) -> str | None:
-    """Siemens receive-coil element of an image: (0051,100F), else the CSA ImaCoilString."""
+    """Receive-coil element of a classic image: Siemens (0051,100F), else the CSA
+    ImaCoilString, else the one used element of a top-level MR Receive Coil macro."""
     value = _text(_private(ds, 0x0051, "SIEMENS MR HEADER", 0x0F))
+    if not value and "MRReceiveCoilSequence" in ds:
+        value = _frame_coil(ds) or ""
     if not value and (0x0029, 0x1010) in ds:
         try:
             with warnings.catch_warnings():  # nibabel.nicom warns that it is experimental
@@ -298,8 +304,8 @@ def _coil_string(ds) -> str | None:
 
 
 def _frame_coil(frame) -> str | None:
-    """Receive-coil element of an enhanced frame: the one element marked used in its
-    MR Receive Coil macro (MultiCoilDefinitionSequence), else None."""
+    """Receive-coil element of an enhanced frame (or a classic dataset): the one element
+    marked used in its MR Receive Coil macro (MultiCoilDefinitionSequence), else None."""
     if frame is None:
         return None
     for coil in frame.get("MRReceiveCoilSequence") or ():
@@ -400,6 +406,10 @@ def _read_images(path: Path, known: set[str]) -> tuple[SeriesInfo | None, list[I
     with open(path, "rb") as fp:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
         sop = _text(ds.get("SOPClassUID")) or _text(ds.file_meta.get("MediaStorageSOPClassUID"))
+        # every DICOM file names its SOP class with a UID: without one the header is damaged
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", sop) or len(sop) > 64:
+            shown = repr(sop[:24]) + ("..." if len(sop) > 24 else "")
+            raise ValueError(f"damaged header: no valid SOP class UID ({shown if sop else 'none'})")
         if sop not in _MR_CLASSES:
             modality = _text(ds.get("Modality")) or "unknown modality"
             return f"not an MR image (SOP class {sop or 'missing'}, {modality})"

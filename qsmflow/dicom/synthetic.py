@@ -6,14 +6,23 @@ against the simulator's ground truth:
 
 * ``siemens``: magnitude and phase in two series (the phase series numbered one higher),
   ImageType ``M``/``P``; phase as 12-bit integers with RescaleSlope 2 and RescaleIntercept
-  -4096 (``-4096..4094`` <-> ``-pi..pi``); uncombined receive channels as separate images with
-  the coil element name in the private tag (0051,100F) (classic files) or in the per-frame
-  MR Receive Coil macro (multi-frame files).
+  -4096 (``-4096..4094`` <-> ``-pi..pi``); uncombined receive channels as separate images of
+  those series with the coil element name (``H1``, ``H2``, ...) in the private tag
+  (0051,100F) and the CSA ``ImaCoilString`` (classic files) or in the per-frame MR Receive
+  Coil macro (multi-frame files).
 * ``ge``: one series; the private tag (0043,102F) gives the image type (0 magnitude, 1 phase,
   2 real, 3 imaginary); real/imaginary pairs by default, phase in milliradians otherwise.
+  GE images have the opposite handedness: the stored phase is ``-phase`` and the stored
+  imaginary part ``-imag`` (the complex conjugate), as the MEDI toolbox (phase sign +1 for
+  GE, -1 for Siemens/Philips) and QSMxT (GE phase negated on import) read GE data; and
+  every other slice carries an extra pi (``slice_chop``, see :class:`DicomFlavour`).
+  Uncombined channels: one series per channel (numbered ``series_number + c``) holding the
+  channel's parts, the element (``1``, ``2``, ...) named in the standard MR Receive Coil
+  macro (MRReceiveCoilSequence > MultiCoilDefinitionSequence, one element used) of each image.
 * ``philips``: one series holding both parts; ImageType ``M_FFE``/``P_FFE`` and the private
   (2005,1011); phase in milliradians through RescaleSlope/RescaleIntercept, a private scale
-  slope (2005,100E) as Philips writes it.
+  slope (2005,100E) as Philips writes it. Uncombined channels as for GE (one series per
+  element, standard coil macro, elements ``E1``, ``E2``, ...).
 
 Classic (one file per slice) or enhanced multi-frame (one file per series, per-frame functional
 groups) storage. Geometry: the NIfTI affine (RAS) is turned into the DICOM patient frame (LPS):
@@ -33,7 +42,13 @@ import numpy as np
 
 from .. import GAMMA_BAR_MHZ_PER_T
 
-__all__ = ["DicomFlavour", "csa2_header", "dicom_geometry", "write_simulated_dicom"]
+__all__ = [
+    "DicomFlavour",
+    "coil_element_names",
+    "csa2_header",
+    "dicom_geometry",
+    "write_simulated_dicom",
+]
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 _MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -44,6 +59,9 @@ _MANUFACTURER = {
     "philips": ("Philips Medical Systems", "Ingenia"),
 }
 _GE_TYPE = {"mag": 0, "phase": 1, "real": 2, "imag": 3}
+#: Coil element names per vendor ({} is the 1-based channel number).
+_COIL_NAME = {"siemens": "H{}", "ge": "{}", "philips": "E{}"}
+_COIL_TYPE = {"siemens": "Head_32", "ge": "32Ch Head", "philips": "dS Head 32ch"}
 _COMPLEX_COMPONENT = {"mag": "MAGNITUDE", "phase": "PHASE", "real": "REAL", "imag": "IMAGINARY"}
 
 
@@ -59,11 +77,17 @@ class DicomFlavour:
     parts : tuple of str
         Image parts to store: ``("mag", "phase")``, for GE ``("real", "imag")``, or
         ``("mag",)`` for a magnitude-only scan (a T1w, say).
+    slice_chop : bool
+        GE only: every other slice (odd ranks in the order of increasing position along the
+        slice normal) carries an extra pi of phase (its complex values negated), as GE's 3-D
+        reconstruction leaves them ("z-chop"; undone on import by the MEDI toolbox's GE reader
+        and by QSMxT). Ignored for the other vendors.
     """
 
     vendor: str = "siemens"
     multiframe: bool = False
     parts: tuple[str, ...] = ("mag", "phase")
+    slice_chop: bool = True
 
     def __post_init__(self) -> None:
         if self.vendor not in _MANUFACTURER:
@@ -72,6 +96,26 @@ class DicomFlavour:
             raise ValueError(
                 f"parts must be ('mag', 'phase'), ('real', 'imag') or ('mag',), got {self.parts}"
             )
+
+
+def coil_element_names(vendor: str, n_coils: int) -> list[str]:
+    """The receive-coil element names the synthetic writer gives ``n_coils`` channels."""
+    return [_COIL_NAME[vendor].format(c + 1) for c in range(n_coils)]
+
+
+def coil_macro(name: str, coil_name: str):
+    """The standard MR Receive Coil macro naming one used element (a pydicom Sequence)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    element = Dataset()
+    element.MultiCoilElementName = name
+    element.MultiCoilElementUsed = "YES"
+    coil = Dataset()
+    coil.ReceiveCoilName = coil_name
+    coil.ReceiveCoilType = "MULTICOIL"
+    coil.MultiCoilDefinitionSequence = DicomSequence([element])
+    return DicomSequence([coil])
 
 
 def csa2_header(tags: dict[str, str]) -> bytes:
@@ -114,12 +158,22 @@ def _uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
 
 
-def _stored(sim, flavour: DicomFlavour, mag_max: float):
-    """Per part: (integer volumes (x, y, z, echo[, coil]), slope, intercept, signed, bits)."""
+def _stored(sim, flavour: DicomFlavour, mag_max: float, chopped: np.ndarray):
+    """Per part: (integer volumes (x, y, z, echo[, coil]), slope, intercept, signed, bits).
+
+    ``chopped`` (z,) bool: the GE slices that carry an extra pi (with ``slice_chop``).
+    """
     out = {}
     signal = None
+    phase = sim.phase
+    if flavour.vendor == "ge":
+        # GE stores the other handedness (conjugate signal, negated phase) and, with
+        # slice_chop, an extra pi on every other slice
+        extra = np.where(chopped, np.float32(np.pi), np.float32(0)) if flavour.slice_chop else 0
+        extra = np.reshape(extra, (1, 1, -1) + (1,) * (phase.ndim - 3))
+        phase = np.angle(np.exp(1j * (extra - phase))).astype(np.float32)
     if "real" in flavour.parts:
-        signal = sim.magnitude * np.exp(1j * sim.phase)
+        signal = sim.magnitude * np.exp(1j * phase)
     for part in flavour.parts:
         if part == "mag":
             slope = mag_max / 4095.0
@@ -139,7 +193,7 @@ def _stored(sim, flavour: DicomFlavour, mag_max: float):
             data = np.clip(np.rint((sim.phase + np.pi) * 1000 / slope), 0, 4095)
             out[part] = (data.astype(np.uint16), slope, -1000 * np.pi, False, 12)
         else:  # GE: milliradians as signed integers
-            data = np.clip(np.rint(sim.phase * 1000), -3142, 3142).astype(np.int16)
+            data = np.clip(np.rint(phase * 1000), -3142, 3142).astype(np.int16)
             out[part] = (data, 1.0, 0.0, True, 16)
     return out
 
@@ -187,25 +241,28 @@ def write_simulated_dicom(
     out_dir.mkdir(parents=True, exist_ok=True)
     coils = sim.magnitude.ndim == 5
     n_coils = sim.magnitude.shape[4] if coils else 1
-    if coils and flavour.vendor != "siemens":
-        raise ValueError("uncombined coils are written for the Siemens flavour only")
+    coil_names = coil_element_names(flavour.vendor, n_coils) if coils else [None]
     nx, ny, nz = sim.magnitude.shape[:3]
     n_echoes = sim.magnitude.shape[3]
     mag_max = float(np.abs(sim.magnitude).max()) * 1.05 or 1.0
-    stored = _stored(sim, flavour, mag_max)
     iop, spacing, positions = dicom_geometry(sim.affine, nz)
     normal = np.cross(iop[:3], iop[3:])
+    rank = np.argsort(np.argsort([float(np.dot(normal, pos)) for pos in positions]))
+    stored = _stored(sim, flavour, mag_max, rank % 2 == 1)
     vox = [float(v) for v in np.sqrt((sim.affine[:3, :3] ** 2).sum(0))]
     manufacturer, model = _MANUFACTURER[flavour.vendor]
     study_uid = study_uid or _uid("study", patient_id, study_date)
     frame_uid = _uid("for", study_uid, series_number)
     omit_set = {(part, int(e), int(k)) for part, e, k in omit}
 
-    # series layout: Siemens writes one series per part, the others one series for all parts
-    series_of = {}
-    for i, part in enumerate(flavour.parts):
-        number = series_number + (i if flavour.vendor == "siemens" else 0)
-        series_of[part] = number
+    # series layout: Siemens writes one series per part (all channels in it), the others one
+    # series for all parts, and per-slice files of uncombined channels one series per channel
+    per_coil_series = coils and flavour.vendor != "siemens" and not flavour.multiframe
+
+    def series_of(part: str, coil: int) -> int:
+        if flavour.vendor == "siemens":
+            return series_number + flavour.parts.index(part)
+        return series_number + (coil if per_coil_series else 0)
 
     def common(ds: Dataset, part: str, number: int) -> None:
         ds.SpecificCharacterSet = "ISO_IR 100"
@@ -215,7 +272,7 @@ def write_simulated_dicom(
         ds.InstitutionName = "qsmflow synthetic"
         ds.InstitutionAddress = "n/a"
         ds.DeviceSerialNumber = "0"
-        ds.ReceiveCoilName = "Head_32" if flavour.vendor != "ge" else "32Ch Head"
+        ds.ReceiveCoilName = _COIL_TYPE[flavour.vendor]
         ds.StationName = "SIM"
         ds.SoftwareVersions = "qsmflow"
         ds.PatientName = f"Synthetic^{patient_id}"
@@ -275,7 +332,7 @@ def write_simulated_dicom(
 
     def vendor_private(ds: Dataset, part: str, coil: int | None) -> None:
         if flavour.vendor == "siemens":
-            name = f"H{coil + 1}" if coil is not None else "HEA;HEP"
+            name = coil_names[coil] if coil is not None else "HEA;HEP"
             block = ds.private_block(0x0051, "SIEMENS MR HEADER", create=True)
             block.add_new(0x0F, "LO", name)
             csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
@@ -302,9 +359,9 @@ def write_simulated_dicom(
     te_ms = [round(t * 1000, 4) for t in p.echo_times_s]
     if not flavour.multiframe:
         instance = 0
-        for part in flavour.parts:
+        for part, c in itertools.product(flavour.parts, range(n_coils)):
             data, slope, intercept, signed, bits = stored[part]
-            number = series_of[part]
+            number = series_of(part, c)
             # one dataset per series, updated image by image (building each from scratch is
             # several times slower)
             ds = Dataset()
@@ -321,30 +378,31 @@ def write_simulated_dicom(
             ds.ImagesInAcquisition = nz * n_echoes * n_coils
             ds.RescaleIntercept = intercept
             ds.RescaleSlope = slope
-            for c in range(n_coils):
-                vendor_private(ds, part, c if coils else None)
-                for e in range(n_echoes):
-                    ds.EchoTime = te_ms[e]
-                    ds.EchoNumbers = e + 1
-                    vol = data[..., e, c] if coils else data[..., e]
-                    for k in range(nz):
-                        instance += 1
-                        if (part, e + 1, k) in omit_set:
-                            continue
-                        ds.InstanceNumber = instance
-                        ds.ImagePositionPatient = positions[k]
-                        ds.SliceLocation = round(float(np.dot(normal, positions[k])), 6)
-                        ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).tobytes()
-                        uid = _uid("sop", ds.SeriesInstanceUID, instance)
-                        path = out_dir / f"IM_{number:04d}_{instance:05d}.dcm"
-                        finish(ds, _MR_IMAGE, uid, path)
-                        files.append(path)
+            vendor_private(ds, part, c if coils else None)
+            if per_coil_series:  # the element of this channel, in the standard coil macro
+                ds.MRReceiveCoilSequence = coil_macro(coil_names[c], ds.ReceiveCoilName)
+            for e in range(n_echoes):
+                ds.EchoTime = te_ms[e]
+                ds.EchoNumbers = e + 1
+                vol = data[..., e, c] if coils else data[..., e]
+                for k in range(nz):
+                    instance += 1
+                    if (part, e + 1, k) in omit_set:
+                        continue
+                    ds.InstanceNumber = instance
+                    ds.ImagePositionPatient = positions[k]
+                    ds.SliceLocation = round(float(np.dot(normal, positions[k])), 6)
+                    ds.PixelData = np.ascontiguousarray(vol[:, :, k].T).tobytes()
+                    uid = _uid("sop", ds.SeriesInstanceUID, instance)
+                    path = out_dir / f"IM_{number:04d}_{instance:05d}.dcm"
+                    finish(ds, _MR_IMAGE, uid, path)
+                    files.append(path)
         return files
 
     # enhanced multi-frame: one file per series, frames ordered by part, echo, slice
     by_series: dict[int, list[str]] = {}
     for part in flavour.parts:
-        by_series.setdefault(series_of[part], []).append(part)
+        by_series.setdefault(series_of(part, 0), []).append(part)
     for number, parts in by_series.items():
         ds = Dataset()
         common(ds, parts[0], number)
@@ -424,14 +482,7 @@ def write_simulated_dicom(
                 pvt.RescaleType = "US"
                 fr.PixelValueTransformationSequence = DicomSequence([pvt])
                 if coils:  # the standard MR Receive Coil macro, per frame: the element used
-                    element = Dataset()
-                    element.MultiCoilElementName = f"H{c + 1}"
-                    element.MultiCoilElementUsed = "YES"
-                    coil = Dataset()
-                    coil.ReceiveCoilName = "Head_32"
-                    coil.ReceiveCoilType = "MULTICOIL"
-                    coil.MultiCoilDefinitionSequence = DicomSequence([element])
-                    fr.MRReceiveCoilSequence = DicomSequence([coil])
+                    fr.MRReceiveCoilSequence = coil_macro(coil_names[c], _COIL_TYPE[flavour.vendor])
                 if flavour.vendor in ("ge", "philips"):
                     vendor_private(fr, part, None)
                 frames.append(fr)

@@ -129,6 +129,14 @@ class _ConvertDicomInputSpec(BaseInterfaceInputSpec):
     bids_dir = traits.Str(mandatory=True, desc="BIDS dataset folder (created or added to)")
     overwrite = traits.Bool(False, usedefault=True, desc="replace files that already exist")
     num_threads = traits.Int(1, usedefault=True, desc="parallel dcm2niix runs")
+    phase_polarity = traits.Enum(
+        "auto",
+        "keep",
+        "invert",
+        usedefault=True,
+        desc="phase sign: auto negates GE phase (opposite handedness to Siemens/Philips), keep "
+        "writes the scanner's sign, invert negates all phase (rad)",
+    )
 
 
 class _ConvertDicomOutputSpec(TraitedSpec):
@@ -152,6 +160,7 @@ class ConvertDicom(SimpleInterface):
             work_dir=Path(runtime.cwd) / "dcm2niix",
             overwrite=self.inputs.overwrite,
             n_threads=max(1, int(self.inputs.num_threads)),
+            phase_polarity=self.inputs.phase_polarity,
         )
         if result.failed:
             raise RuntimeError(

@@ -17,6 +17,7 @@ def init_dicom_to_bids_wf(
     mapping_file: str | None = None,
     repeats: str = "run",
     overwrite: bool = False,
+    phase_polarity: str = "auto",
     n_procs: int = 1,
     name: str = "dicom_to_bids_wf",
 ) -> pe.Workflow:
@@ -32,6 +33,8 @@ def init_dicom_to_bids_wf(
         Repeated scans of one protocol (head orientations) as ``run-<n>`` or ``acq-ori<n>``.
     overwrite : bool
         Replace files that already exist in the BIDS dataset.
+    phase_polarity : {"auto", "keep", "invert"}
+        Phase sign: ``auto`` negates GE phase (opposite handedness to Siemens and Philips).
     n_procs : int
         Parallel dcm2niix runs.
 
@@ -60,7 +63,7 @@ def init_dicom_to_bids_wf(
     if mapping_file:
         sort.inputs.mapping_file = mapping_file
     convert = pe.Node(
-        ConvertDicom(overwrite=overwrite, num_threads=n_procs),
+        ConvertDicom(overwrite=overwrite, num_threads=n_procs, phase_polarity=phase_polarity),
         name="convert_dicom",
         mem_gb=1.0 + 0.25 * n_procs,
         n_procs=n_procs,
