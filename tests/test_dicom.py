@@ -386,10 +386,10 @@ def test_mapping_file_sets_labels(dicom_dir, tmp_path, capsys):
     assert "T1w.nii" not in out and "skipped by the rule" in out
 
 
-def test_nipype_workflow_converts(dicom_dir, tmp_path):
+def test_nipype_workflow_converts(dicom_dir, sims, tmp_path):
     from qsmflow.workflows import init_dicom_to_bids_wf
 
-    wf = init_dicom_to_bids_wf(participant_label="wf", n_procs=2)
+    wf = init_dicom_to_bids_wf(participant_label="wf", n_procs=2, phase_polarity="invert")
     wf.base_dir = str(tmp_path / "work dir")  # spaces in paths must not split arguments
     wf.inputs.inputnode.dicom_dir = str(dicom_dir / "PHIMF")
     wf.inputs.inputnode.bids_dir = str(tmp_path / "ds")
@@ -399,6 +399,12 @@ def test_nipype_workflow_converts(dicom_dir, tmp_path):
     assert written[0].name == "sub-wf_echo-1_part-mag_MEGRE.nii.gz"
     side = json.loads((tmp_path / "ds/sub-wf/anat/sub-wf_echo-2_part-phase_MEGRE.json").read_text())
     assert side["Units"] == "rad" and side["EchoTime"] == pytest.approx(TES[1])
+    # the option reaches the conversion: Philips phase negated on request, and recorded
+    assert side["PhasePolarityInverted"] is True and "requested" in side["PhasePolarityNote"]
+    phase, aff, _ = _load(tmp_path / "ds", "sub-wf/anat/sub-wf_echo-2_part-phase_MEGRE.nii.gz")
+    truth = sims["ori2"].phase[..., 1]
+    phase = _to_reference(phase, aff, sims["ori2"].affine)[0]
+    assert np.abs(_wrap(phase + truth)).max() <= 2 * np.pi / 4095 / 2 * 1.01 + 1e-6
 
 
 def test_dcm2niix_interface_runs(dicom_dir, tmp_path):

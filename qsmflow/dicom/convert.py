@@ -573,7 +573,8 @@ def _convert_acquisition(
     def complex_signal(echo):
         if from_complex:
             return load("real", echo) + 1j * load("imag", echo)
-        enc = phase_encoding(acq.info, volumes[0].images[0].rescale)
+        vol = next(v for v in volumes if v.part == "phase" and v.echo == echo)
+        enc = phase_encoding(acq.info, vol.images[0].rescale)
         phase = _to_radians(load("phase", echo), enc, f"{acq.description} phase")
         return load("mag", echo) * np.exp(1j * phase)
 
