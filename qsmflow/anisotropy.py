@@ -25,7 +25,14 @@ import numpy as np
 
 from .algorithms.multi_orientation.sti import TENSOR_COMPONENTS, tensor_forward_field
 
-__all__ = ["WM_ANISOTROPY_PPM", "fibre_directions", "wm_tensor", "anisotropic_wm"]
+__all__ = [
+    "WM_ANISOTROPY_PPM",
+    "fibre_directions",
+    "fibre_tensor",
+    "rotate_tensor",
+    "wm_tensor",
+    "anisotropic_wm",
+]
 
 #: Default chi_parallel - chi_perpendicular of white matter, ppm (see the module docstring).
 WM_ANISOTROPY_PPM = 0.015
@@ -53,6 +60,37 @@ def fibre_directions(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     n = np.stack([w_lr + w_si * fan, w_ap, w_si], axis=-1)
     n /= np.linalg.norm(n, axis=-1, keepdims=True)
     return n.astype(np.float32)
+
+
+def fibre_tensor(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Traceless fibre tensor ``n n^T - I / 3`` (n, 6) at head-frame template points (mm).
+
+    Components in ``TENSOR_COMPONENTS`` order; averaged over the white-matter part of a voxel
+    (partial-volume simulation) it gives the voxel's anisotropic susceptibility per ppm of
+    ``delta_chi``.
+    """
+    n = fibre_directions(x, y, z)
+    out = np.empty(n.shape[:1] + (len(TENSOR_COMPONENTS),), dtype=np.float32)
+    for c, (a, b) in enumerate(_PAIRS):
+        out[:, c] = n[:, a] * n[:, b] - (np.float32(1 / 3) if a == b else np.float32(0))
+    return out
+
+
+def rotate_tensor(tensor: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """``Q X Q^T`` for tensors (..., 6) in ``TENSOR_COMPONENTS`` order and a 3x3 rotation ``Q``."""
+    t = np.asarray(tensor, dtype=np.float32)
+    q = np.asarray(rotation, dtype=np.float64)
+    full = [[None] * 3 for _ in range(3)]
+    for c, (a, b) in enumerate(_PAIRS):
+        full[a][b] = full[b][a] = t[..., c]
+    out = np.zeros(t.shape, dtype=np.float32)
+    for c, (a, b) in enumerate(_PAIRS):
+        for i in range(3):
+            for j in range(3):
+                w = q[a, i] * q[b, j]
+                if w != 0.0:
+                    out[..., c] += np.float32(w) * full[i][j]
+    return out
 
 
 def wm_tensor(
@@ -86,6 +124,7 @@ def anisotropic_wm(
     voxel_size_mm: Sequence[float],
     b0_dir: Sequence[float],
     *,
+    aniso_head: np.ndarray | None = None,
     n_threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tensor, fibre directions and the field of the anisotropic part for one acquisition.
@@ -102,6 +141,10 @@ def anisotropic_wm(
         Rotation taking head-frame vectors to the voxel (array) frame.
     delta_chi_ppm : float
         chi_parallel - chi_perpendicular, ppm.
+    aniso_head : (x, y, z, 6) array, optional
+        Partial-volume simulation: the sub-voxel average of ``[in WM] (n n^T - I / 3)`` in the
+        head frame (see :func:`fibre_tensor`); replaces the evaluation at voxel centres for the
+        tensor (fibre directions stay those at the centres of ``wm_mask`` voxels).
 
     Returns
     -------
@@ -115,7 +158,10 @@ def anisotropic_wm(
     n_vox = n_head @ np.asarray(head_to_voxel, dtype=np.float32).T
     fibres = np.zeros(wm.shape + (3,), dtype=np.float32)
     fibres[wm] = n_vox
-    tensor_aniso = wm_tensor(np.zeros(wm.shape, np.float32), fibres, wm, delta_chi_ppm)
+    if aniso_head is None:
+        tensor_aniso = wm_tensor(np.zeros(wm.shape, np.float32), fibres, wm, delta_chi_ppm)
+    else:
+        tensor_aniso = rotate_tensor(aniso_head, head_to_voxel) * np.float32(delta_chi_ppm)
     field = tensor_forward_field(
         tensor_aniso, voxel_size_mm, b0_dir, pad_factor=2.0, n_threads=n_threads
     )

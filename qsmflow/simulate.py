@@ -43,6 +43,7 @@ __all__ = [
     "AcquisitionParams",
     "SimulatedAcquisition",
     "ORIENTATIONS_DEG",
+    "MULTI_ORIENTATION_SUPERSAMPLE",
     "acquisition_affine",
     "rotation_matrix",
     "simulate_acquisition",
@@ -50,18 +51,29 @@ __all__ = [
 ]
 
 #: Head tilts (degrees about the scanner's x (left-right, pitch) and y (anterior-posterior, roll)
-#: axes) used for orientations 1, 2, ... in multi-orientation datasets; within the range a head
-#: coil allows (Liu et al., MRM 2009 used tilts of up to ~25 degrees).
+#: axes) used for orientations 1, 2, ... in multi-orientation datasets. The first five (tilts of
+#: 15-20 degrees) are a COSMOS protocol (Liu et al., MRM 2009 used tilts of up to ~25 degrees);
+#: from the sixth on, B0 is tilted by 30 degrees in the head (pitch, roll, and both at 21.5
+#: degrees), the larger tilts STI needs to separate the tensor components (Liu, MRM 2010;
+#: Li et al., NeuroImage 2012) and the range the registration is specified for.
 ORIENTATIONS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),
     (20.0, 0.0),
     (0.0, 18.0),
     (-15.0, 0.0),
     (0.0, -18.0),
-    (14.0, 14.0),
-    (-12.0, -12.0),
-    (10.0, -15.0),
+    (30.0, 0.0),
+    (0.0, 30.0),
+    (-21.5, 21.5),
+    (21.5, -21.5),
+    (-30.0, 0.0),
+    (0.0, -30.0),
+    (21.5, 21.5),
 )
+
+#: Sub-voxel sampling (per axis) of multi-orientation datasets by default (see
+#: :func:`simulate_acquisition`'s ``supersample``); single-orientation datasets use 1.
+MULTI_ORIENTATION_SUPERSAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -268,6 +280,54 @@ def _phase_offset(world, rng: np.random.Generator) -> np.ndarray:
     ).astype(np.float32)
 
 
+def _partial_volume_tissue(model, head, step, s: int, b0_tesla: float, *, anisotropy: bool):
+    """Tissue of voxels averaged over ``s^3`` sub-voxel points (partial-volume simulation).
+
+    ``head`` are the head-frame coordinates (three flat float32 arrays, mm) of the voxel centres
+    and ``step`` (3, 3) the head-frame displacement per voxel index. The sub-voxel points are
+    the centres of an ``s x s x s`` split of each voxel, processed one offset at a time, so
+    memory stays that of a point-sampled simulation plus the running sums. Returns the most
+    frequent label, the mean signed distance to the brain (mm), the brain fraction, mean maps
+    and (with ``anisotropy``) the mean of ``[in WM] (n n^T - I / 3)`` (n, 6), head frame.
+    """
+    from .anisotropy import fibre_tensor
+    from .phantom import WM
+
+    n = head[0].size
+    offsets = (np.arange(s, dtype=np.float32) + np.float32(0.5)) / np.float32(s) - np.float32(0.5)
+    counts = np.zeros((max(LABELS) + 1, n), dtype=np.uint8)
+    flat = np.arange(n, dtype=np.int64)
+    sums = {k: np.zeros(n, np.float32) for k in ("chi_ppm", "m0", "r2star_hz", "r1_hz")}
+    sd_sum = np.zeros(n, np.float32)
+    inside = np.zeros(n, np.uint16)
+    aniso = np.zeros((n, 6), np.float32) if anisotropy else None
+    scale = model.scale.astype(np.float32)
+    for oi in offsets:
+        for oj in offsets:
+            for ok in offsets:
+                d = step @ np.array([oi, oj, ok], dtype=np.float32)
+                pts = [head[r] + d[r] for r in range(3)]
+                lab, sd = label_points(model, *pts)
+                maps = tissue_maps(model, lab, *pts, b0_tesla=b0_tesla)
+                counts.reshape(-1)[lab.astype(np.int64) * n + flat] += 1
+                for k, acc in sums.items():
+                    acc += maps[k]
+                sd_sum += sd
+                inside += sd < 0
+                if aniso is not None:
+                    wm = np.flatnonzero(lab == WM)
+                    aniso[wm] += fibre_tensor(*(pts[r][wm] / scale[r] for r in range(3)))
+                del pts, lab, sd, maps
+    inv = np.float32(1.0 / s**3)
+    labels = counts.argmax(axis=0).astype(np.int8)
+    del counts
+    for acc in sums.values():
+        acc *= inv
+    if aniso is not None:
+        aniso *= inv
+    return labels, sd_sum * inv, inside.astype(np.float32) * inv, sums, aniso
+
+
 def simulate_acquisition(
     model: HeadModel,
     params: AcquisitionParams,
@@ -278,6 +338,7 @@ def simulate_acquisition(
     margin_mm: float = 32.0,
     n_threads: int = 1,
     wm_anisotropy_ppm: float = 0.0,
+    supersample: int = 1,
 ) -> SimulatedAcquisition:
     """Simulate one multi-echo GRE acquisition of ``model`` with protocol ``params``.
 
@@ -301,7 +362,16 @@ def simulate_acquisition(
         chi_parallel - chi_perpendicular of white matter (ppm); 0 (default) keeps the phantom
         isotropic. Non-zero adds a tensor about a fibre direction field
         (:mod:`qsmflow.anisotropy`) to the fields; ``chi_ppm`` stays the mean susceptibility.
+    supersample : int
+        1 (default) labels tissue at voxel centres. ``s`` > 1 samples the anatomy at ``s^3``
+        sub-voxel points and averages chi, M0, R2*, R1 (and the white-matter tensor), so every
+        head orientation sees a partial-volume image of the same continuous head; the brain mask
+        is then where the brain fills at least half the voxel and the segmentation the most
+        frequent label. The ground truth (``chi_ppm``, tensor) is averaged the same way.
     """
+    if int(supersample) != supersample or not 1 <= supersample <= 6:
+        raise ValueError(f"supersample must be an integer from 1 to 6, got {supersample!r}")
+    supersample = int(supersample)
     rng = np.random.default_rng(0) if rng is None else rng
     rot = np.eye(3) if head_rotation is None else np.asarray(head_rotation, dtype=np.float64)
     shape = tuple(int(n) for n in params.matrix)
@@ -319,11 +389,21 @@ def simulate_acquisition(
     centred = [world[i] - shift[i] for i in range(3)]
     head = [sum(rt[r, c] * centred[c] for c in range(3)).ravel() for r in range(3)]
     del centred
-    labels, brain_sd = label_points(model, *head)
-    maps = tissue_maps(model, labels, *head, b0_tesla=params.b0_tesla)
+    aniso_head = None
+    if supersample == 1:
+        labels, brain_sd = label_points(model, *head)
+        maps = tissue_maps(model, labels, *head, b0_tesla=params.b0_tesla)
+        brain_frac = None
+    else:
+        step = rt @ (affine[:3, :3].astype(np.float32))  # head-frame mm per voxel index
+        labels, brain_sd, brain_frac, maps, aniso_head = _partial_volume_tissue(
+            model, head, step, supersample, params.b0_tesla, anisotropy=bool(wm_anisotropy_ppm)
+        )
     labels = labels.reshape(ext_shape)
     chi_ext = maps["chi_ppm"].reshape(ext_shape)
     head_fov = [h.reshape(ext_shape)[crop] for h in head] if wm_anisotropy_ppm else None
+    if aniso_head is not None:
+        aniso_head = np.ascontiguousarray(aniso_head.reshape(ext_shape + (6,))[crop])
     del head
 
     # Total field: susceptibility relative to the surrounding air (zero outside the grid).
@@ -332,7 +412,8 @@ def simulate_acquisition(
     # brain that no scanner produces); the brain and a rim around it stay voxel-exact, so the
     # local field is exactly that of the ground-truth chi.
     brain_sd = brain_sd.reshape(ext_shape)
-    mask_ext = brain_sd < 0
+    mask_ext = brain_sd < 0 if brain_frac is None else brain_frac.reshape(ext_shape) >= 0.5
+    del brain_frac
     sources = chi_ext - np.float32(CHI_AIR_PPM)
     ramp = np.clip((brain_sd - 1.5 * vox.max()) / (2.0 * vox.max()), 0, 1).astype(np.float32)
     del brain_sd
@@ -372,9 +453,10 @@ def simulate_acquisition(
             wm_anisotropy_ppm,
             vox,
             b0_dir,
+            aniso_head=aniso_head,
             n_threads=n_threads,
         )
-        del head_fov
+        del head_fov, aniso_head
         total += aniso_field
         local += aniso_field
 
@@ -524,6 +606,7 @@ def simulate_dataset(
     n_threads: int = 1,
     progress=None,
     wm_anisotropy_ppm: float = 0.0,
+    supersample: int | None = None,
 ) -> Path:
     """Write a simulated BIDS dataset with ground truth under ``derivatives/qsmflow-simulate``.
 
@@ -533,6 +616,11 @@ def simulate_dataset(
     ``wm_anisotropy_ppm`` > 0 simulates anisotropic white matter (see
     :func:`simulate_acquisition`) and adds the true tensor (``desc-tensor_Chimap``, 4-D, six
     components) and chi33 (``desc-chi33_Chimap``) to the ground truth of each orientation.
+
+    ``supersample`` (see :func:`simulate_acquisition`) defaults to
+    :data:`MULTI_ORIENTATION_SUPERSAMPLE` when ``n_orientations`` > 1, so the head orientations
+    (and their ground truth) are partial-volume images of one continuous head and agree with
+    each other after registration, and to 1 (voxel-centre labels) for single-orientation data.
 
     Returns the dataset path.
     """
@@ -546,6 +634,10 @@ def simulate_dataset(
             raise ValueError(f"{name} must be >= {lo}, got {val}")
     if n_orientations > len(ORIENTATIONS_DEG):
         raise ValueError(f"n_orientations must be <= {len(ORIENTATIONS_DEG)}, got {n_orientations}")
+    if supersample is None:
+        supersample = MULTI_ORIENTATION_SUPERSAMPLE if n_orientations > 1 else 1
+    if int(supersample) != supersample or not 1 <= supersample <= 6:
+        raise ValueError(f"supersample must be an integer from 1 to 6, got {supersample!r}")
     out_dir = Path(out_dir).absolute()
     _check_output_dir(out_dir, overwrite)
     try:
@@ -566,6 +658,7 @@ def simulate_dataset(
             n_threads,
             progress,
             wm_anisotropy_ppm=wm_anisotropy_ppm,
+            supersample=int(supersample),
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -587,6 +680,7 @@ def _write_dataset(
     progress,
     *,
     wm_anisotropy_ppm=0.0,
+    supersample=1,
 ):
     settings = (
         f"{n_subjects} subject(s), {n_sessions} session(s), {n_orientations} orientation(s), "
@@ -596,6 +690,8 @@ def _write_dataset(
     )
     if wm_anisotropy_ppm:
         settings += f", white-matter anisotropy {wm_anisotropy_ppm} ppm"
+    if supersample > 1:
+        settings += f", partial volume from {supersample}^3 sub-voxel samples"
 
     generated = {"Name": "qsmflow-simulate", "Version": __version__}
     write_dataset_description(
@@ -664,6 +760,7 @@ def _write_dataset(
                     rng=rng,
                     n_threads=n_threads,
                     wm_anisotropy_ppm=wm_anisotropy_ppm,
+                    supersample=supersample,
                 )
                 ent = {"sub": sub, "ses": ses, "acq": acq}
                 _write_acquisition(root, gt_root, ent, sim, pitch, roll)

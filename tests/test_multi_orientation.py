@@ -23,6 +23,7 @@ from qsmflow.algorithms.multi_orientation import (
     fsl_matrix_to_world,
     project_tensor,
     register_rigid,
+    resample_field,
     sti,
     tensor_eigen,
     tensor_forward_field,
@@ -211,6 +212,70 @@ def test_b0_direction_and_resampling_follow_the_head():
     assert np.abs(back[inner] - ref_img[inner]).max() < 0.01
 
 
+def test_resample_field_keeps_the_mask_edge_clean():
+    """A smooth field known only in an ellipsoid, rotated: extending it past the mask before a
+    cubic spline (and keeping fully supported voxels) recovers it at the edge, where a linear
+    interpolation of the zero-filled field mixes in the zeros."""
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    aff[:3, 3] = [-60, -66, -54]
+    shape = (41, 45, 37)
+    rot = rotation_matrix(30.0, 0.0)
+    transform = np.eye(4)
+    transform[:3, :3] = rot
+
+    def world(affine):
+        idx = np.indices(shape).astype(np.float64)
+        return np.einsum("ij,jxyz->ixyz", affine[:3, :3], idx) + affine[:3, 3, None, None, None]
+
+    def field(w):  # ppm, smooth
+        return 0.02 * np.sin(w[0] / 17) + 0.01 * np.cos(w[1] / 13) + 1e-4 * w[2]
+
+    def inside(w):
+        return (w[0] / 48) ** 2 + (w[1] / 55) ** 2 + (w[2] / 42) ** 2 < 1
+
+    w_mov = world(aff)
+    head = np.einsum("ij,jxyz->ixyz", rot.T, w_mov)  # head frame = reference world
+    mov_mask = inside(head)
+    mov_field = np.where(mov_mask, field(head), 0).astype(np.float32)
+    out, out_mask = resample_field(mov_field, mov_mask, aff, shape, aff, transform)
+    w_ref = world(aff)
+    truth = field(w_ref)
+    assert out_mask.sum() > 0.9 * inside(w_ref).sum()
+    assert not np.any(out_mask & ~inside(w_ref))
+    err = np.abs(out - truth)[out_mask].max()
+    naive = apply_transform(mov_field, aff, shape, aff, transform)
+    naive_mask = apply_transform(mov_mask, aff, shape, aff, transform)
+    naive_err = np.abs(naive - truth)[naive_mask].max()
+    assert err < 0.02 * np.abs(truth).max()
+    assert naive_err > 5 * err
+    with pytest.raises(ValueError, match="mask"):
+        resample_field(mov_field, mov_mask[:-1], aff, shape, aff, transform)
+
+
+def test_supersampled_orientations_agree_after_registration():
+    """Partial-volume simulation (the multi-orientation default): the local field of a head
+    tilted by 30 degrees, resampled to the reference grid, is much closer to the field of the
+    reference chi for the tilted B0 than with voxel-centre labels (each tilt then voxelises the
+    anatomy differently; measured 53 % -> 30 % NRMSE at 3 mm)."""
+    model = make_head_model(0)
+    rot = rotation_matrix(*ORIENTATIONS_DEG[5])
+    assert np.degrees(np.arccos(rot[2, 2])) == pytest.approx(30.0)
+    transform = np.eye(4)
+    transform[:3, :3] = rot
+    errors = []
+    for supersample in (1, 2):
+        ref = simulate(make_head_model(0), PARAMS_3MM, n_threads=2, supersample=supersample)
+        mov = simulate(model, PARAMS_3MM, head_rotation=rot, n_threads=2, supersample=supersample)
+        b0 = b0_direction_in_reference(transform, ref.affine)
+        field, fmask = resample_field(
+            mov.local_field_ppm, mov.mask, mov.affine, ref.mask.shape, ref.affine, transform
+        )
+        chi = np.where(ref.mask, ref.chi_ppm - ref.chi_ppm[ref.mask].mean(), np.float32(0))
+        ideal = forward_field(chi, VOX3, b0, n_threads=2)
+        errors.append(metrics.nrmse(field, ideal, fmask & ref.mask))
+    assert errors[1] < 0.7 * errors[0]
+
+
 def test_fsl_matrix_conversion_matches_fslpy(tmp_path):
     import nibabel as nib
     from fsl.data.image import Image
@@ -273,6 +338,30 @@ def test_cosmos_anisotropic_closer_to_mean_than_single_orientation(aniso_3mm):
     errs = [metrics.nrmse_demeaned(s, chi, mask) for s in singles]
     assert err_cosmos < 20.0
     assert err_cosmos < min(errs)
+
+
+def test_cosmos_per_orientation_masks(aniso_3mm):
+    """Registered orientations have different masks: fitting each field in its own mask with
+    chi in their union recovers chi; intersecting the masks leaves sources outside the
+    intersection whose fields reach into it."""
+    mask, chi = aniso_3mm["mask"], aniso_3mm["chi"]
+    dirs = [rotation_matrix(a, b).T @ [0, 0, 1.0] for a, b in ORIENTATIONS_DEG[:3]]
+    cuts = [(slice(None), slice(None), slice(None))]
+    cuts += [(slice(None), slice(None), slice(34, None)), (slice(None), slice(0, 18))]
+    masks = []
+    for cut in cuts:
+        m = mask.copy()
+        if cut != cuts[0]:
+            m[cut] = False
+        masks.append(m)
+    fields = [forward_field(chi, VOX3, d) * m for d, m in zip(dirs, masks, strict=True)]
+    weights = [m.astype(np.float32) for m in masks]
+    union = cosmos_cg(fields, mask, VOX3, dirs, weights=weights, max_iter=15, n_threads=2)
+    joint = np.logical_and.reduce(masks)
+    inter = cosmos_cg(fields, joint, VOX3, dirs, max_iter=15, n_threads=2)
+    err_union = metrics.nrmse_demeaned(union, chi, joint)
+    assert err_union < 5.0
+    assert err_union < 0.5 * metrics.nrmse_demeaned(inter, chi, joint)
 
 
 def test_cosmos_bad_input(aniso_3mm):

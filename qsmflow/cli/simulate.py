@@ -7,7 +7,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..simulate import ORIENTATIONS_DEG, AcquisitionParams, simulate_dataset
+from ..simulate import (
+    MULTI_ORIENTATION_SUPERSAMPLE,
+    ORIENTATIONS_DEG,
+    AcquisitionParams,
+    simulate_dataset,
+)
 from ._common import fail, positive_float, positive_int, progress_printer
 
 
@@ -82,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEG",
         help="slab tilt about the left-right axis in degrees (default 0)",
     )
+    p.add_argument(
+        "--supersample",
+        type=positive_int,
+        metavar="N",
+        help="sample the anatomy at N^3 points per voxel and average them (partial volume); "
+        f"default {MULTI_ORIENTATION_SUPERSAMPLE} with --orientations > 1, else 1",
+    )
+    p.add_argument(
+        "--wm-anisotropy",
+        type=float,
+        default=0.0,
+        metavar="PPM",
+        help="white-matter susceptibility anisotropy chi_parallel - chi_perpendicular in ppm "
+        "(e.g. 0.015; default 0: isotropic); adds the true tensor and chi33 to the ground truth",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--nprocs", type=positive_int, default=1, help="FFT threads (default 1)")
     p.add_argument(
@@ -116,6 +136,10 @@ def params_from_args(
         parser.error(f"argument --orientations: at most {len(ORIENTATIONS_DEG)}")
     if abs(args.oblique) > 45:
         parser.error("argument --oblique: must be between -45 and 45 degrees")
+    if args.supersample is not None and args.supersample > 6:
+        parser.error("argument --supersample: must be between 1 and 6")
+    if not 0 <= args.wm_anisotropy <= 0.2:
+        parser.error("argument --wm-anisotropy: must be between 0 and 0.2 ppm")
     return AcquisitionParams(
         matrix=matrix,
         voxel_size_mm=vox,
@@ -143,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             n_threads=args.nprocs,
             progress=progress_printer("simulated"),
+            wm_anisotropy_ppm=args.wm_anisotropy,
+            supersample=args.supersample,
         )
     except (FileExistsError, PermissionError, OSError, ValueError) as exc:
         return fail("qsmflow-simulate", exc)

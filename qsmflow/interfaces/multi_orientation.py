@@ -27,6 +27,7 @@ from ..algorithms.multi_orientation import (
     cosmos,
     fsl_matrix_to_world,
     register_rigid,
+    resample_field,
     sti,
 )
 from ..algorithms.multi_orientation.registration import transform_similarity
@@ -98,6 +99,14 @@ class _RegisterInputSpec(ThreadedInputSpec):
     )
     on_failure = traits.Enum(
         "error", "drop", usedefault=True, desc="raise on a failed orientation, or leave it out"
+    )
+    interpolation_order = traits.Range(
+        low=1,
+        high=5,
+        value=3,
+        usedefault=True,
+        desc="spline order for the fields (3: cubic; with in_masks the field is first extended "
+        "beyond its mask and the resampled mask keeps only fully supported voxels)",
     )
 
 
@@ -193,21 +202,38 @@ class RegisterOrientations(SimpleInterface):
                 transform, ref_img.affine, mov_img.affine, _sidecar_b0(path)
             )
             dirs.append(tuple(float(v) for v in b0))
-            if isdefined(self.inputs.in_fields):
-                fpath = self.inputs.in_fields[idx]
-                field, f_img = load_nifti(fpath)
-                out = apply_transform(field, f_img.affine, ref.shape, ref_img.affine, transform)
-                fout = output_path(runtime.cwd, fpath, f"ori{idx + 1}reg")
-                save_nifti(out, ref_img.affine, fout)
-                write_json({"Units": "ppm", "B0_dir": list(dirs[-1])}, _sidecar(fout))
-                fields.append(fout)
+            order = self.inputs.interpolation_order
+            have_fields = isdefined(self.inputs.in_fields)
             if isdefined(self.inputs.in_masks):
                 mpath = self.inputs.in_masks[idx]
                 mask, m_img = load_nifti(mpath, dtype=bool)
-                out = apply_transform(mask, m_img.affine, ref.shape, ref_img.affine, transform)
+                if have_fields:
+                    fpath = self.inputs.in_fields[idx]
+                    field, f_img = load_nifti(fpath)
+                    if field.shape != mask.shape:
+                        raise ValueError(
+                            f"{fpath}: field shape {field.shape} differs from its mask {mpath} "
+                            f"{mask.shape}; give each orientation's field and mask on one grid"
+                        )
+                    out_field, out = resample_field(
+                        field, mask, f_img.affine, ref.shape, ref_img.affine, transform, order=order
+                    )
+                else:
+                    out = apply_transform(mask, m_img.affine, ref.shape, ref_img.affine, transform)
                 mout = output_path(runtime.cwd, mpath, f"ori{idx + 1}reg")
                 save_nifti(out, ref_img.affine, mout)
                 masks.append(mout)
+            elif have_fields:
+                fpath = self.inputs.in_fields[idx]
+                field, f_img = load_nifti(fpath)
+                out_field = apply_transform(
+                    field, f_img.affine, ref.shape, ref_img.affine, transform, order=order
+                )
+            if have_fields:
+                fout = output_path(runtime.cwd, self.inputs.in_fields[idx], f"ori{idx + 1}reg")
+                save_nifti(out_field, ref_img.affine, fout)
+                write_json({"Units": "ppm", "B0_dir": list(dirs[-1])}, _sidecar(fout))
+                fields.append(fout)
         rpath = str(Path(runtime.cwd) / "registration_report.json")
         write_json({"MinSimilarity": self.inputs.min_similarity, "Orientations": report}, rpath)
         if failed and self.inputs.on_failure == "error":
@@ -247,8 +273,15 @@ class _MultiFieldInputSpec(ThreadedInputSpec):
     )
 
 
-def _load_orientations(inputs) -> tuple[list[np.ndarray], np.ndarray, object, list]:
-    """Fields, the joint mask, the first image and the B0 directions; checks grids agree."""
+def _load_orientations(
+    inputs, *, per_orientation: bool = False
+) -> tuple[list[np.ndarray], np.ndarray, object, list, list | None]:
+    """Fields, the joint mask, the first image, the B0 directions and the per-field masks.
+
+    The joint mask is the intersection of the masks, or with ``per_orientation`` (and one mask
+    per field) their union, each field then being valid in its own mask (returned as the last
+    item; None otherwise). Checks that the grids agree.
+    """
     paths = list(inputs.in_fields)
     masks = list(inputs.in_masks)
     if len(masks) not in (1, len(paths)):
@@ -268,12 +301,20 @@ def _load_orientations(inputs) -> tuple[list[np.ndarray], np.ndarray, object, li
                 "grid first (RegisterOrientations)"
             )
         fields.append(data)
-    joint = np.ones(first.shape, dtype=bool)
+    per_orientation = per_orientation and len(masks) == len(paths) and len(paths) > 1
+    joint = np.zeros(first.shape, dtype=bool) if per_orientation else np.ones(first.shape, bool)
+    each = []
     for path in masks:
         mask = load_nifti(path, dtype=bool)[0]
         if mask.shape != first.shape:
             raise ValueError(f"{path}: mask shape {mask.shape} differs from fields {first.shape}")
-        joint &= mask
+        if per_orientation:
+            joint |= mask
+            each.append(mask)
+        else:
+            joint &= mask
+    if per_orientation and not np.logical_and.reduce(each).any():
+        joint[:] = False
     if not joint.any():
         raise ValueError("the masks of the orientations do not overlap; check the registration")
     if isdefined(inputs.b0_directions) and inputs.b0_directions:
@@ -291,12 +332,19 @@ def _load_orientations(inputs) -> tuple[list[np.ndarray], np.ndarray, object, li
                     "(which writes it) or pass b0_directions"
                 )
             dirs.append(b0)
-    return fields, joint, first, dirs
+    return fields, joint, first, dirs, (each if per_orientation else None)
 
 
 class _COSMOSInputSpec(_MultiFieldInputSpec):
     method = traits.Enum("cg", "closed-form", usedefault=True, desc="masked CG or closed form")
     max_iter = traits.Int(30, usedefault=True, desc="CG iterations (method 'cg')")
+    joint_mask = traits.Enum(
+        "union",
+        "intersection",
+        usedefault=True,
+        desc="with one mask per field: 'union' solves for chi in the union and fits each field "
+        "only inside its own mask (CG); 'intersection' uses the voxels all masks share",
+    )
 
 
 class _COSMOSOutputSpec(TraitedSpec):
@@ -310,8 +358,13 @@ class COSMOS(SimpleInterface):
     output_spec = _COSMOSOutputSpec
 
     def _run_interface(self, runtime):
-        fields, mask, img, dirs = _load_orientations(self.inputs)
-        kwargs = {"max_iter": self.inputs.max_iter} if self.inputs.method == "cg" else {}
+        cg = self.inputs.method == "cg"
+        fields, mask, img, dirs, each = _load_orientations(
+            self.inputs, per_orientation=cg and self.inputs.joint_mask == "union"
+        )
+        kwargs = {"max_iter": self.inputs.max_iter} if cg else {}
+        if each is not None:
+            kwargs["weights"] = [m.astype(np.float32) for m in each]
         chi = cosmos(
             fields,
             mask,
@@ -350,7 +403,7 @@ class STI(SimpleInterface):
     output_spec = _STIOutputSpec
 
     def _run_interface(self, runtime):
-        fields, mask, img, dirs = _load_orientations(self.inputs)
+        fields, mask, img, dirs, _ = _load_orientations(self.inputs)
         res = sti(
             fields,
             mask,

@@ -16,6 +16,7 @@ from .registration import (
     b0_direction_in_reference,
     fsl_matrix_to_world,
     register_rigid,
+    resample_field,
     rigid_matrix,
 )
 from .sti import (
@@ -40,6 +41,7 @@ __all__ = [
     "fsl_matrix_to_world",
     "project_tensor",
     "register_rigid",
+    "resample_field",
     "rigid_matrix",
     "sti",
     "tensor_eigen",

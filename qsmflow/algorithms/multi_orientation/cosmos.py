@@ -7,9 +7,25 @@ where one ``D_i`` vanishes differ between orientations, so the joint least-squar
 well-posed:
 
 * closed form, per spatial frequency: ``chi(k) = sum_i D_i b_i(k) / sum_i D_i^2``;
-* masked conjugate gradient: ``min_chi sum_i ||M (F^-1 D_i F chi - b_i)||^2`` with ``chi``
+* masked conjugate gradient: ``min_chi sum_i ||W_i M (F^-1 D_i F chi - b_i)||^2`` with ``chi``
   supported in the mask ``M``, where the fields are known (CG on the normal equations, started
-  from the closed form).
+  from the closed form); this image-space weighted least squares is the formulation of Liu et
+  al. (2009), and the default.
+
+Why the closed form is less accurate on a masked brain (18-20 % NRMSE where the masked CG reaches
+< 1 % on the same noise-free fields): the per-frequency solution needs each field on the whole
+grid, but a local field is only known inside the brain mask and is stored as 0 outside, although
+the brain's own sources do produce a field there. The zero-filled fields are not fields of any
+susceptibility confined to the mask, so the k-space division spreads the truncation error over
+the whole spectrum (a low-frequency under-estimate plus edge artefacts). The remedy is to treat
+the field outside the mask as unknown rather than zero, which is exactly the masked least
+squares above (it discards the data term outside ``M``); the closed form is kept as its start.
+
+Per-orientation masks: after registration every orientation's field is valid in its own
+(resampled) mask. Passing those masks as ``weights`` and their union as ``mask`` fits each field
+only where it is known and keeps the sources near the edge of the other masks (intersecting the
+masks instead leaves sources outside the intersection whose fields reach into it; on the 3 mm
+head that alone costs 11-22 % NRMSE with otherwise perfect fields).
 
 Fields and chi in ppm; B0 directions in the (reference) voxel frame; voxel sizes in mm.
 """
@@ -99,9 +115,10 @@ def cosmos_cg(
     """Masked COSMOS by conjugate gradients on the normal equations (Liu et al. 2009).
 
     Solves ``min_chi sum_i ||W_i M (D_i chi - b_i)||^2`` over chi supported in ``mask``;
-    ``weights`` (optional, per orientation, e.g. a magnitude- or noise-based confidence) default
-    to 1. Starts from ``init`` or the closed-form solution; stops after ``max_iter`` iterations or
-    when the residual of the normal equations has dropped by ``tol``. Returns chi in ppm.
+    ``weights`` (optional, per orientation, e.g. each orientation's registered mask, or a
+    magnitude- or noise-based confidence) default to 1. Starts from ``init`` or the closed-form
+    solution; stops after ``max_iter`` iterations or when the residual of the normal equations
+    has dropped by ``tol``. Returns chi in ppm.
     """
     fields, mask, dirs = _check_inputs(fields_ppm, mask, b0_dirs)
     big = padded_shape(mask.shape, pad_factor=pad_factor)
@@ -167,11 +184,11 @@ def cosmos(
     voxel_size_mm: Sequence[float],
     b0_dirs: Sequence[Sequence[float]],
     *,
-    method: str = "closed-form",
+    method: str = "cg",
     n_threads: int = 1,
     **kwargs,
 ) -> np.ndarray:
-    """COSMOS susceptibility (ppm) by ``method`` ``"closed-form"`` or ``"cg"`` (see above)."""
+    """COSMOS susceptibility (ppm) by ``method`` ``"cg"`` (default) or ``"closed-form"``."""
     if method == "closed-form":
         func = cosmos_closed_form
     elif method == "cg":

@@ -31,6 +31,7 @@ __all__ = [
     "rigid_matrix",
     "register_rigid",
     "apply_transform",
+    "resample_field",
     "b0_direction_in_reference",
     "fsl_matrix_to_world",
     "normalized_cross_correlation",
@@ -241,11 +242,14 @@ def apply_transform(
     transform: np.ndarray,
     *,
     order: int = 1,
+    mask_threshold: float = 0.5,
 ) -> np.ndarray:
     """Resample ``moving`` on the reference grid through ``transform`` (ref world -> moving world).
 
     ``order`` is the spline order (0 nearest, 1 linear, 3 cubic); bool arrays (masks) are
-    interpolated linearly and thresholded at 0.5. Outside the moving field of view: 0 / False.
+    interpolated linearly and kept where the result is >= ``mask_threshold`` (0.5: nearest
+    boundary; close to 1: only voxels whose whole neighbourhood is inside). Outside the moving
+    field of view: 0 / False.
     """
     arr = np.asarray(moving)
     is_mask = arr.dtype == bool
@@ -260,7 +264,51 @@ def apply_transform(
         mode="constant",
         cval=0.0,
     )
-    return out > 0.5 if is_mask else out.astype(np.float32)
+    return out >= mask_threshold if is_mask else out.astype(np.float32)
+
+
+def resample_field(
+    field_ppm: np.ndarray,
+    mask: np.ndarray,
+    moving_affine: np.ndarray,
+    reference_shape: Sequence[int],
+    reference_affine: np.ndarray,
+    transform: np.ndarray,
+    *,
+    order: int = 3,
+    mask_threshold: float = 0.999,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A field (ppm) known inside ``mask`` and the mask, resampled on the reference grid.
+
+    The field is undefined (stored as 0) outside its mask; a spline through that edge would
+    mix the zeros into the brain's outer voxels (and ring at order 3). So the field is first
+    extended outside the mask by its nearest in-mask value, then resampled with a spline of
+    ``order`` (cubic by default: a linear interpolation blurs the field's fine structure), and
+    the mask, interpolated linearly, is kept only where >= ``mask_threshold``: where the
+    interpolated value draws on in-mask voxels alone. Returns the field (0 outside) and the mask.
+    """
+    f = np.asarray(field_ppm, dtype=np.float32)
+    m = np.asarray(mask, dtype=bool)
+    if f.shape != m.shape:
+        raise ValueError(f"field shape {f.shape} differs from its mask's {m.shape}")
+    if not m.any():
+        raise ValueError("the mask of the field is empty; nothing to resample")
+    if not m.all():
+        nearest = ndimage.distance_transform_edt(~m, return_distances=False, return_indices=True)
+        f = f[tuple(nearest)]
+        del nearest
+    out = apply_transform(
+        f, moving_affine, reference_shape, reference_affine, transform, order=order
+    )
+    out_mask = apply_transform(
+        m,
+        moving_affine,
+        reference_shape,
+        reference_affine,
+        transform,
+        mask_threshold=mask_threshold,
+    )
+    return np.where(out_mask, out, np.float32(0)), out_mask
 
 
 def b0_direction_in_reference(
