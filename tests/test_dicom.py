@@ -701,3 +701,30 @@ def test_slice_chop_detection_on_simulations(sims, name):
         assert not detect_slice_chop(echo)
         chop = sign.reshape(1, 1, -1, *([1] * (echo.ndim - 3)))
         assert detect_slice_chop(echo * chop) and detect_slice_chop(echo * -chop)
+
+
+def test_slice_chop_is_left_alone_in_2d_scans(sims, tmp_path):
+    """The chop comes from the 3-D Fourier transform: a GE scan marked 2-D is not corrected
+    (its odd slices keep their extra pi) and its sidecar makes no claim about it."""
+    import pydicom
+
+    sim = sims["ori1"]
+    flavour = DicomFlavour("ge", multiframe=True, parts=("real", "imag"))
+    (path,) = write_simulated_dicom(sim, tmp_path / "in", flavour, patient_id="TWOD")
+    ds = pydicom.dcmread(path)
+    ds.MRAcquisitionType = "2D"
+    ds.save_as(path)
+    assert dicom2bids([str(tmp_path / "in"), str(tmp_path / "ds"), "--quiet"]) == 0
+    phase, aff, side = _load(
+        tmp_path / "ds", "sub-TWOD/anat/sub-TWOD_echo-1_part-phase_MEGRE.nii.gz"
+    )
+    assert "SliceChopCorrected" not in side and side["PhasePolarityInverted"] is True
+    phase = _to_reference(phase, aff, sim.affine)[0]
+    diff = np.abs(_wrap(phase - sim.phase[..., 0]))
+    strong = sim.magnitude[..., 0] > 0.2 * sim.magnitude[..., 0].max()
+    iop, _, positions = dicom_geometry(sim.affine, MATRIX[2])
+    along = [float(np.dot(np.cross(iop[:3], iop[3:]), pos)) for pos in positions]
+    rank = np.argsort(np.argsort(along))  # order along the slice normal, as the writer chops
+    for k in range(MATRIX[2]):
+        expected = np.pi if rank[k] % 2 else 0.0
+        assert np.allclose(diff[:, :, k][strong[:, :, k]], expected, atol=0.01), k

@@ -23,10 +23,10 @@ volume whatever dcm2niix calls it. Then
   sidecar records what was done (``PhasePolarityInverted``);
 * GE slice chop: GE's 3-D reconstruction can leave an extra pi of phase on every other slice
   (the MEDI toolbox's GE reader negates every other slice, QSMxT shifts GE k-space by half
-  the slices). It is detected from the data (neighbouring slices of the first echo
-  anti-correlated, :func:`detect_slice_chop`) and undone by negating the complex values of
-  the slices of odd rank along the slice normal; the phase sidecar records it
-  (``SliceChopCorrected``);
+  the slices). In GE scans that are not 2-D (MRAcquisitionType) it is detected from the data
+  (neighbouring slices of the first echo anti-correlated, :func:`detect_slice_chop`) and
+  undone by negating the complex values of the slices of odd rank along the slice normal;
+  the phase sidecar records it (``SliceChopCorrected``);
 * uncombined receive channels are stacked along a 4th (coil) axis, in coil-name order, as
   MCPC-3D-S (Eckstein et al., MRM 2018) expects;
 * images and JSON sidecars are written atomically under the names planned by
@@ -578,9 +578,11 @@ def _convert_acquisition(
         phase = _to_radians(load("phase", echo), enc, f"{acq.description} phase")
         return load("mag", echo) * np.exp(1j * phase)
 
-    # GE slice chop, decided once per acquisition from its first echo
+    # GE slice chop (from the 3-D Fourier transform, so not in 2-D scans), decided once per
+    # acquisition from its first echo
     chopped = None
-    if acq.info.vendor == "ge" and any(o.part == "phase" for o in plan.outputs):
+    chop_possible = acq.info.vendor == "ge" and acq.info.acquisition_type != "2D"
+    if chop_possible and any(o.part == "phase" for o in plan.outputs):
         first = min(o.echo for o in plan.outputs if o.part == "phase")
         if detect_slice_chop(complex_signal(first)):
             vol0 = next(v for v in volumes if v.echo == first)
@@ -596,7 +598,7 @@ def _convert_acquisition(
             extra["CoilCombinationMethod"] = "none: one channel per volume along the 4th axis"
         if out.part == "phase":
             extra.update(_polarity_sidecar(acq.info, invert))
-            if acq.info.vendor == "ge":
+            if chop_possible:
                 extra["SliceChopCorrected"] = chopped is not None
         if from_complex:
             signal = load("real", out.echo) + 1j * load("imag", out.echo)

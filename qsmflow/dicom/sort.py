@@ -91,6 +91,8 @@ class SeriesInfo:
     columns: int
     pixel_spacing: tuple[float, float]
     transfer_syntax: str
+    #: MRAcquisitionType: "2D", "3D" or "" (not given)
+    acquisition_type: str = ""
 
     @property
     def vendor(self) -> str:
@@ -343,6 +345,7 @@ def _series_info(ds, path: Path, multiframe: bool) -> SeriesInfo:
         columns=int(ds.get("Columns") or 0),
         pixel_spacing=tuple(float(v) for v in spacing) if spacing else (1.0, 1.0),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        acquisition_type=_text(ds.get("MRAcquisitionType")).upper(),
     )
 
 
