@@ -179,26 +179,30 @@ class SpiNetQSM(_Unrolled):
 
 
 class DIPGenerator(nn.Module):
-    """Deep Image Prior generator: 3-D encoder-decoder (two 2x levels, skips) -> chi (ppm).
+    """Deep Image Prior generator: 3-D encoder-decoder with skips -> chi (ppm).
 
-    Input: fixed noise (1, ``in_channels``, X, Y, Z) with X, Y, Z multiples of 4.
+    The noise input (1, ``in_channels``, X/2, Y/2, Z/2), fixed during the fit, is encoded at
+    half, quarter and eighth resolution and decoded with skip connections to half resolution;
+    a trilinear upsampling and a 3x3x3 convolution give the full-resolution map. Keeping the
+    wide layers off the full grid makes a fit affordable on a CPU. X, Y, Z: multiples of 8.
     """
 
-    def __init__(self, in_channels: int = 8, channels: tuple[int, int, int] = (12, 24, 32)):
+    def __init__(self, in_channels: int = 4, channels: tuple[int, int, int] = (8, 16, 16)):
         super().__init__()
         c0, c1, c2 = channels
+        self.in_channels = int(in_channels)
 
         def block(cin, cout, stride=1):
             return nn.Sequential(
                 nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2, True)
             )
 
-        self.enc0 = block(in_channels, c0)
+        self.enc0 = nn.Sequential(block(in_channels, c0), block(c0, c0))
         self.enc1 = nn.Sequential(block(c0, c1, 2), block(c1, c1))
         self.enc2 = nn.Sequential(block(c1, c2, 2), block(c2, c2))
         self.dec1 = block(c2 + c1, c1)
         self.dec0 = block(c1 + c0, c0)
-        self.out = nn.Conv3d(c0, 1, 1)
+        self.out = nn.Conv3d(c0, 8, 3, padding=1)
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
 
     def forward(self, z):
@@ -207,7 +211,10 @@ class DIPGenerator(nn.Module):
         e2 = self.enc2(e1)
         d1 = self.dec1(torch.cat([self.up(e2), e1], dim=1))
         d0 = self.dec0(torch.cat([self.up(d1), e0], dim=1))
-        return self.out(d0) / CHI_SCALE
+        y = self.out(d0)  # (1, 8, X/2, Y/2, Z/2) -> (1, 1, X, Y, Z)
+        b, _, nx, ny, nz = y.shape
+        y = y.view(b, 2, 2, 2, nx, ny, nz).permute(0, 4, 1, 5, 2, 6, 3)
+        return y.reshape(b, 1, 2 * nx, 2 * ny, 2 * nz) / CHI_SCALE
 
 
 def build_model(kind: str, config: dict):

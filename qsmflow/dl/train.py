@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--iterations", type=int, default=4, help="unrolled iterations K")
     p.add_argument("--cg-iter", type=int, default=8, help="CG iterations per DC step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (also on --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
@@ -212,6 +212,8 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict:
             raise ValueError(f"{ckpt_path} holds a {ck['model']!r} model, not {args.model!r}")
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # --lr applies to the resumed run too
+            group["lr"] = args.lr
         start_epoch, elapsed, history = ck["epoch"], ck["elapsed_s"], ck["history"]
         commands = ck.get("commands", [])
     commands = [*commands, command or "qsmflow-train " + shlex.join(sys.argv[1:])]
@@ -256,9 +258,9 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict:
         epoch_s = time.perf_counter() - t_epoch
         elapsed += epoch_s
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": epoch_s})
-        extra = {"lam": float(model.lam)}
+        extra = {"lam": model.lam.item()}
         if args.model == "spinet":
-            extra["p"] = float(model.p)
+            extra["p"] = model.p.item()
         print(
             f"epoch {epoch + 1}/{args.epochs} loss {np.mean(losses):.4f} "
             f"({epoch_s:.0f} s) {json.dumps(extra)}",

@@ -27,10 +27,13 @@ METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "tgv": ("tgv", {}),
     "tv": ("tv_admm", {"regularization": "lambda_", "b0_tesla": "b0_tesla"}),
     "rts": ("rts", {}),
+    "dip": ("dip", {}),
+    "modl": ("modl", {"dl_weights": "weights"}),
+    "spinet": ("spinet", {"dl_weights": "weights"}),
 }
 
 #: methods that use the magnitude image (weights / edges) when in_magnitude is given
-USES_MAGNITUDE = {"medi", "ndi", "tv"}
+USES_MAGNITUDE = {"medi", "ndi", "tv", "dip"}
 
 
 class _DipoleInversionInputSpec(ThreadedInputSpec):
@@ -58,6 +61,10 @@ class _DipoleInversionInputSpec(ThreadedInputSpec):
     support_constraint = traits.Bool(
         desc="ndi: keep chi inside the mask (better for background-free local fields, worse "
         "with residual background; default off)"
+    )
+    dl_weights = File(
+        exists=True,
+        desc="modl, spinet: trained weights (.pt from qsmflow-train); default the shipped ones",
     )
 
 

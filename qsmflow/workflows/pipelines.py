@@ -31,6 +31,9 @@ OPTIONS: dict[str, Any] = {
         "tgv",
         "tv",
         "rts",
+        "dip",
+        "modl",
+        "spinet",
     ),
 }
 

@@ -3,10 +3,12 @@
 Every method takes ``(local_field_ppm, mask, voxel_size_mm, b0_dir, *, ..., n_threads=1)`` and
 returns chi in ppm, zero outside the mask. Modules: :mod:`.direct` (TKD, TSVD, Tikhonov),
 :mod:`.ilsqr`, :mod:`.star` (star-QSM), :mod:`.medi` (MEDI, MEDI+0), :mod:`.ndi`, :mod:`.tgv`,
-:mod:`.tv` (TV-ADMM / FANSI), :mod:`.rts`; lambda rules: :mod:`qsmflow.algorithms.regularization`.
+:mod:`.tv` (TV-ADMM / FANSI), :mod:`.rts`, :mod:`.deep` (DIP, MoDL-QSM, SpiNet-QSM;
+need PyTorch); lambda rules: :mod:`qsmflow.algorithms.regularization`.
 """
 
 from ..regularization import discrepancy_lambda, lcurve_corner, lcurve_inflection, tikhonov_norms
+from .deep import dip, modl, spinet
 from .direct import (
     TIKHONOV_LAMBDA,
     tikhonov,
@@ -31,6 +33,7 @@ __all__ = [
     "TGV_ALPHA_RAD",
     "TIKHONOV_LAMBDA",
     "discrepancy_lambda",
+    "dip",
     "estimate_csf_mask",
     "ilsqr",
     "ilsqr_steps",
@@ -40,9 +43,11 @@ __all__ = [
     "medi",
     "medi_edge_mask",
     "medi_plus_zero",
+    "modl",
     "ndi",
     "phase_scale_rad_per_ppm",
     "rts",
+    "spinet",
     "star_qsm",
     "tgv",
     "tgv_alpha_for_phase",
