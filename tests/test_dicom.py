@@ -71,9 +71,15 @@ CASES = {
     "SIECOIL": [(DicomFlavour("siemens"), "coils", "gre_qsm_uncombined", "120000.000000")],
     "SIEMF": [(DicomFlavour("siemens", multiframe=True), "ori2", "gre_qsm", "120000.000000")],
     "SIEMFCOIL": [(DicomFlavour("siemens", multiframe=True), "coils", "gre_qsm", "120000.000000")],
-    "PHI": [(DicomFlavour("philips"), "ori1", "FFE_4echo", "120000.000000")],
+    "PHI": [  # two head orientations: run-1, run-2
+        (DicomFlavour("philips"), "ori1", "FFE_4echo", "120000.000000"),
+        (DicomFlavour("philips"), "ori2", "FFE_4echo", "121500.000000"),
+    ],
     "PHIMF": [(DicomFlavour("philips", multiframe=True), "ori2", "FFE_4echo", "120000.000000")],
-    "GE": [(DicomFlavour("ge", parts=("real", "imag")), "ori2", "QSM", "120000.000000")],
+    "GE": [
+        (DicomFlavour("ge", parts=("real", "imag")), "ori2", "QSM", "120000.000000"),
+        (DicomFlavour("ge", parts=("real", "imag")), "ori1", "QSM", "121500.000000"),
+    ],
     "GEMF": [
         (DicomFlavour("ge", multiframe=True, parts=("real", "imag")), "ori1", "QSM", "120000")
     ],
@@ -175,9 +181,11 @@ EXPECTED = {
     ("SIECOIL", None): "coils",
     ("SIEMF", None): "ori2",
     ("SIEMFCOIL", None): "coils",
-    ("PHI", None): "ori1",
+    ("PHI", 1): "ori1",
+    ("PHI", 2): "ori2",
     ("PHIMF", None): "ori2",
-    ("GE", None): "ori2",
+    ("GE", 1): "ori2",
+    ("GE", 2): "ori1",
     ("GEMF", None): "ori1",
     ("GEMP", None): "ori1",
     ("GECOIL", None): "coils",
@@ -616,6 +624,16 @@ def test_ge_phase_polarity_gives_the_siemens_field_sign(converted, sims, dicom_d
     assert side["PhasePolarityInverted"] is False
     side = json.loads((bids / "sub-GEMP/anat/sub-GEMP_echo-1_part-phase_MEGRE.json").read_text())
     assert side["PhasePolarityInverted"] is True and "GE" in side["PhasePolarityNote"]
+    # invert on Siemens integer phase: exactly the negated DICOM steps, still int16
+    inv = tmp_path / "invert"
+    args = [str(dicom_dir / "SIEMF"), str(inv), "--quiet", "--phase-polarity", "invert"]
+    assert dicom2bids(args) == 0
+    name = "sub-SIEMF/anat/sub-SIEMF_echo-3_part-phase_MEGRE.nii.gz"
+    assert nib.load(inv / name).get_data_dtype() == np.int16
+    data, aff, side = _load(inv, name)
+    data = _to_reference(data, aff, sims["ori2"].affine)[0]
+    err = np.abs(_wrap(data + sims["ori2"].phase[..., 2])).max()
+    assert err <= np.pi / 4096 * 1.01 + 1e-6 and side["PhasePolarityInverted"] is True
 
 
 @pytest.mark.parametrize("subject", ["SIECOIL", "GECOIL", "GEMPCOIL", "PHICOIL", "PHIMFCOIL"])
