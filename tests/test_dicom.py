@@ -746,3 +746,19 @@ def test_slice_chop_is_left_alone_in_2d_scans(sims, tmp_path):
     for k in range(MATRIX[2]):
         expected = np.pi if rank[k] % 2 else 0.0
         assert np.allclose(diff[:, :, k][strong[:, :, k]], expected, atol=0.01), k
+
+
+def test_channels_without_element_names_are_reported(sims, tmp_path, capsys):
+    """GE channel series whose images lost their coil macro cannot be told apart: the scan is
+    reported (naming the series) and not converted, never stacked in a guessed order."""
+    import pydicom
+
+    src = tmp_path / "dicom"
+    for path in write_simulated_dicom(sims["coils"], src, DicomFlavour("ge")):
+        ds = pydicom.dcmread(path)
+        del ds.MRReceiveCoilSequence
+        ds.save_as(path)
+    assert dicom2bids([str(src), str(tmp_path / "ds"), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "duplicate images at one slice position (from series 1, 2:" in out
+    assert not (tmp_path / "ds").exists()

@@ -686,7 +686,15 @@ def _build_acquisition(series: list[SeriesInfo], images: list[Image]) -> Acquisi
         label = f"{v.part} echo {v.echo}" + (f" coil {v.coil}" if v.coil else "")
         positions = [round(float(np.dot(normal, im.position)), 3) for im in v.images]
         if len(set(positions)) != len(positions):
-            problems.append(f"{where}: {label} has duplicate images at one slice position")
+            numbers = {s.series_uid: s.series_number for s in series}
+            from_series = sorted({numbers[im.series_uid] for im in v.images})
+            hint = (
+                f" (from series {', '.join(map(str, from_series))}: receive channels without "
+                "a coil element name, or the same images exported twice?)"
+                if len(from_series) > 1
+                else ""
+            )
+            problems.append(f"{where}: {label} has duplicate images at one slice position" + hint)
         elif len(v.images) != max(counts):
             problems.append(
                 f"{where}: {label} has {len(v.images)} slices, other volumes {max(counts)} "
