@@ -265,13 +265,22 @@ def test_multi_orientation_preset_writes_cosmos(tmp_path):
     side = json.loads((anat / "sub-01_desc-cosmos_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["Orientations"] == 3
     truth = nib.load(bids / GT / "sub-01/anat/sub-01_acq-ori1_Chimap.nii.gz").get_fdata()
+    seg_file = bids / GT / "sub-01/anat/sub-01_acq-ori1_desc-phantom_dseg.nii.gz"
+    seg = np.asarray(nib.load(seg_file).dataobj).astype(int)
     mask = nib.load(anat / "sub-01_acq-ori1_desc-local_mask.nii.gz").get_fdata() > 0
     combined = nib.load(cosmos).get_fdata()
     inside = mask & (combined != 0)
     assert inside.sum() > 0.5 * mask.sum()
-    # measured at 4 mm with the simulator's 3 tilts (<= 20 degrees): correlation 0.72; the
-    # COSMOS map under-estimates (slope 0.6) where single-orientation TV-ADMM does not (0.9)
-    assert metrics.score(combined, truth, inside)["correlation"] > 0.6
+    # measured at 4 mm with the simulator's 3 tilts (<= 20 degrees, partial-volume heads):
+    # correlation 0.74, deep-grey slope 0.92 (was 0.72 and 0.6 with voxel-centre heads,
+    # linearly resampled fields and intersected masks); NRMSE stays above single-orientation
+    # TV-ADMM's as each orientation's V-SHARP local field is 46-58 % off the truth at 4 mm
+    assert metrics.score(combined, truth, inside)["correlation"] > 0.65
+    region = np.where(inside, seg, 0)
+    t_means = metrics.region_means(truth, region, metrics.DGM_LABELS)
+    c_means = metrics.region_means(combined, region, metrics.DGM_LABELS)
+    ok = ~np.isnan(t_means)
+    assert abs(1 - np.polyfit(t_means[ok], c_means[ok], 1)[0]) < 0.2
     errors, _ = _validate(out / "qsmflow")
     assert errors == []
     assert "COSMOS" in (out / "qsmflow-citations.md").read_text()
