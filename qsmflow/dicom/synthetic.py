@@ -19,6 +19,9 @@ against the simulator's ground truth:
   Uncombined channels: one series per channel (numbered ``series_number + c``) holding the
   channel's parts, the element (``1``, ``2``, ...) named in the standard MR Receive Coil
   macro (MRReceiveCoilSequence > MultiCoilDefinitionSequence, one element used) of each image.
+  (dcm2niix reads a coil element only from Siemens' private tag; no GE or Philips private
+  element tag is documented, so the element is named in the standard macro, which the
+  sorter reads in any file.)
 * ``philips``: one series holding both parts; ImageType ``M_FFE``/``P_FFE`` and the private
   (2005,1011); phase in milliradians through RescaleSlope/RescaleIntercept, a private scale
   slope (2005,100E) as Philips writes it. Uncombined channels as for GE (one series per
@@ -103,7 +106,7 @@ def coil_element_names(vendor: str, n_coils: int) -> list[str]:
     return [_COIL_NAME[vendor].format(c + 1) for c in range(n_coils)]
 
 
-def coil_macro(name: str, coil_name: str):
+def _coil_macro(name: str, coil_name: str):
     """The standard MR Receive Coil macro naming one used element (a pydicom Sequence)."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
@@ -380,7 +383,7 @@ def write_simulated_dicom(
             ds.RescaleSlope = slope
             vendor_private(ds, part, c if coils else None)
             if per_coil_series:  # the element of this channel, in the standard coil macro
-                ds.MRReceiveCoilSequence = coil_macro(coil_names[c], ds.ReceiveCoilName)
+                ds.MRReceiveCoilSequence = _coil_macro(coil_names[c], ds.ReceiveCoilName)
             for e in range(n_echoes):
                 ds.EchoTime = te_ms[e]
                 ds.EchoNumbers = e + 1
@@ -482,7 +485,9 @@ def write_simulated_dicom(
                 pvt.RescaleType = "US"
                 fr.PixelValueTransformationSequence = DicomSequence([pvt])
                 if coils:  # the standard MR Receive Coil macro, per frame: the element used
-                    fr.MRReceiveCoilSequence = coil_macro(coil_names[c], _COIL_TYPE[flavour.vendor])
+                    fr.MRReceiveCoilSequence = _coil_macro(
+                        coil_names[c], _COIL_TYPE[flavour.vendor]
+                    )
                 if flavour.vendor in ("ge", "philips"):
                     vendor_private(fr, part, None)
                 frames.append(fr)
