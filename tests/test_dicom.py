@@ -319,6 +319,7 @@ def test_dry_run_writes_nothing(dicom_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sub-GEMP/anat/sub-GEMP_echo-4_part-phase_MEGRE.nii.gz" in out
     assert "dry run" in out and not target.exists()
+    assert "note: GE phase is negated" in out
 
 
 def test_existing_files_are_kept_unless_overwrite(dicom_dir, tmp_path, capsys):

@@ -107,6 +107,13 @@ class Plan:
         root = Path(bids_dir) if bids_dir is not None else None
         for plan in self.planned:
             lines += [f"note: {n}" for n in plan.acquisition.notes]
+            if plan.acquisition.info.vendor == "ge" and any(
+                o.part == "phase" for o in plan.outputs
+            ):
+                lines.append(
+                    "note: GE phase is negated (opposite handedness; --phase-polarity keep "
+                    "keeps it) and a pi on every other slice is undone where detected"
+                )
             lines.append(f"{plan.acquisition.description} ->")
             for out in plan.outputs:
                 exists = root is not None and (root / out.path).exists()
