@@ -88,6 +88,12 @@ def init_multi_orientation_wf(
 ) -> pe.Workflow:
     """Register orientations, then COSMOS and (with >= 6 orientations or regularisation) STI.
 
+    Each local field is resampled to the reference grid with a cubic spline after extending it
+    past its own mask, whose resampled version keeps only fully supported voxels
+    (:class:`RegisterOrientations`); masked-CG COSMOS (the default ``cosmos_method``) fits
+    each field inside its own mask with chi in the union of the masks, STI uses their
+    intersection.
+
     Inputs (``inputnode``): ``magnitudes`` (first-echo magnitude per orientation, the first is
     the reference), ``local_fields`` (ppm) and ``masks`` (one per orientation).
 
