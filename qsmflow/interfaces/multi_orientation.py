@@ -131,6 +131,11 @@ class RegisterOrientations(SimpleInterface):
     installed), else :func:`qsmflow.algorithms.multi_orientation.register_rigid`. A registration
     whose similarity is below ``min_similarity`` is reported per orientation and either raises
     (``on_failure='error'``) or is left out (``'drop'``); it is never used silently.
+
+    With ``in_masks``, each field is resampled by
+    :func:`qsmflow.algorithms.multi_orientation.resample_field` (extended past its mask, then a
+    spline of ``interpolation_order``) and each mask keeps only the voxels whose interpolation
+    draws on the inside of the orientation's own mask.
     """
 
     input_spec = _RegisterInputSpec
