@@ -59,8 +59,8 @@ class _DipoleInversionInputSpec(ThreadedInputSpec):
         "gradient", "identity", desc="Tikhonov penalty: gradient (mm^2 lambda) or identity"
     )
     support_constraint = traits.Bool(
-        desc="ndi: keep chi inside the mask (better for background-free local fields, worse "
-        "with residual background; default off)"
+        desc="ndi: keep the sources within 2 mm of the mask (default on; off runs the "
+        "unconstrained descent, which loses the field's harmonic part)"
     )
     dl_weights = File(
         exists=True,
