@@ -248,7 +248,7 @@ def test_workflow_end_to_end_on_simulated_orientations(tmp_path):
     ok = ~np.isnan(t_means)
     slope = np.polyfit(t_means[ok], r_means[ok], 1)[0]
     # measured: NRMSE 24.2 %, DGM slope 0.91 (voxel-centre heads, linear resampling and
-    # intersected masks gave about 48 % and 0.72); what remains is the sub-voxel anatomy each
+    # intersected masks gave 45.3 % and 0.79); what remains is the sub-voxel anatomy each
     # tilt averages differently at 3 mm (benchmarks/README.md)
     assert inner.sum() > 0.95 * mask.sum()
     assert np.corrcoef(chi[inner], true_chi[inner])[0, 1] > 0.95
