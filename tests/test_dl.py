@@ -126,7 +126,7 @@ def test_networks_on_odd_grids_and_oblique_b0(torch, kind):
     ((out - chi) ** 2).sum().backward()  # differentiable end to end, lambda (and p) learn
     assert float(model.log_lam.grad.abs()) > 0
     if kind == "spinet":
-        assert 0 < float(model.p) <= 2 and float(model.p_logit.grad.abs()) > 0
+        assert 0 < model.p.item() <= 2 and model.p_logit.grad.abs().item() > 0
 
 
 def test_dip_on_odd_grid_and_oblique_b0(torch):
@@ -193,7 +193,7 @@ def test_shipped_weights_and_provenance(torch, kind):
         assert key in data, key
     assert meta["config"] == model.config
     if kind == "spinet":
-        assert 0 < float(model.p) <= 2
+        assert 0 < model.p.item() <= 2
 
 
 def test_missing_weights_file_is_explained(torch, tmp_path):
@@ -220,3 +220,25 @@ def test_far_voxel_size_is_resampled(torch):
     # the sphere stays where it is: mean chi inside it is well above the mean outside
     inner = ball(shape, 4, (20, 18, 15))
     assert out[inner].mean() > out[mask & ~ball(shape, 8, (20, 18, 15))].mean() + 0.03
+
+
+def test_dipole_inversion_interface_selects_the_network(torch, tmp_path):
+    from qsmflow.interfaces import DipoleInversion
+    from qsmflow.io.nifti import load_nifti, save_nifti
+
+    shape = (24, 28, 20)
+    mask = ball(shape, 9)
+    chi = np.where(ball(shape, 3, (12, 14, 10)), 0.1, 0).astype(np.float32)
+    field = np.where(mask, forward_field(chi, (2, 2, 2)), 0).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    save_nifti(field, affine, tmp_path / "field.nii.gz")
+    save_nifti(mask, affine, tmp_path / "mask.nii.gz")
+    node = DipoleInversion(
+        in_field=str(tmp_path / "field.nii.gz"), in_mask=str(tmp_path / "mask.nii.gz"),
+        method="spinet",
+    )  # fmt: skip
+    res = node.run(cwd=str(tmp_path))
+    out = load_nifti(res.outputs.out_chi)[0]
+    expected = inversion.spinet(field, mask, (2, 2, 2), (0, 0, 1))
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out[ball(shape, 2, (12, 14, 10))].mean() > 0.03

@@ -182,9 +182,10 @@ class DIPGenerator(nn.Module):
     """Deep Image Prior generator: 3-D encoder-decoder with skips -> chi (ppm).
 
     The noise input (1, ``in_channels``, X/2, Y/2, Z/2), fixed during the fit, is encoded at
-    half, quarter and eighth resolution and decoded with skip connections to half resolution;
-    a trilinear upsampling and a 3x3x3 convolution give the full-resolution map. Keeping the
-    wide layers off the full grid makes a fit affordable on a CPU. X, Y, Z: multiples of 8.
+    half, quarter and eighth resolution (convolution, batch norm, leaky ReLU, as in Ulyanov et
+    al.) and decoded with skip connections to half resolution; trilinear upsampling and one
+    3x3x3 convolution give the full-resolution map. Keeping the wide layers off the full grid
+    makes a fit affordable on a CPU. X, Y, Z: multiples of 8.
     """
 
     def __init__(self, in_channels: int = 4, channels: tuple[int, int, int] = (8, 16, 16)):
@@ -194,7 +195,9 @@ class DIPGenerator(nn.Module):
 
         def block(cin, cout, stride=1):
             return nn.Sequential(
-                nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2, True)
+                nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
+                nn.BatchNorm3d(cout),
+                nn.LeakyReLU(0.2, True),
             )
 
         self.enc0 = nn.Sequential(block(in_channels, c0), block(c0, c0))
@@ -202,7 +205,7 @@ class DIPGenerator(nn.Module):
         self.enc2 = nn.Sequential(block(c1, c2, 2), block(c2, c2))
         self.dec1 = block(c2 + c1, c1)
         self.dec0 = block(c1 + c0, c0)
-        self.out = nn.Conv3d(c0, 8, 3, padding=1)
+        self.out = nn.Conv3d(c0, 1, 3, padding=1)
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
 
     def forward(self, z):
@@ -211,10 +214,7 @@ class DIPGenerator(nn.Module):
         e2 = self.enc2(e1)
         d1 = self.dec1(torch.cat([self.up(e2), e1], dim=1))
         d0 = self.dec0(torch.cat([self.up(d1), e0], dim=1))
-        y = self.out(d0)  # (1, 8, X/2, Y/2, Z/2) -> (1, 1, X, Y, Z)
-        b, _, nx, ny, nz = y.shape
-        y = y.view(b, 2, 2, 2, nx, ny, nz).permute(0, 4, 1, 5, 2, 6, 3)
-        return y.reshape(b, 1, 2 * nx, 2 * ny, 2 * nz) / CHI_SCALE
+        return self.out(self.up(d0)) / CHI_SCALE
 
 
 def build_model(kind: str, config: dict):
