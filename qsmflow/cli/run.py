@@ -102,6 +102,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..io.bids import collect_acquisitions, write_dataset_description
     from ..io.nifti import write_json
     from ..workflows import init_qsmflow_wf
+    from ..workflows.base import check_coil_combination
     from ..workflows.pipelines import load_pipeline
 
     bids_dir = Path(args.bids_dir).absolute()
@@ -152,6 +153,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"qsmflow {__version__}: pipeline '{pipeline_name}', {len(acquisitions)} acquisition(s):")
     for acq in acquisitions:
         print(f"  {acq.label}: {len(acq.phase)} echoes, {acq.b0_tesla} T, grid {acq.shape}")
+        if acq.n_coils:
+            print(
+                f"    {acq.n_coils} uncombined receive coils: combined with "
+                f"{check_coil_combination(pipeline, acq)} first"
+            )
         for what, path in (("mask", acq.mask), ("segmentation", acq.segmentation)):
             if path:
                 print(f"    existing {what}: {path}")
@@ -199,7 +205,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     (out_root / "qsmflow-citations.md").write_text(
         "# Methods used by this qsmflow run\n\n"
-        + "\n".join(f"- {c}" for c in citations_for(pipeline))
+        + "\n".join(
+            f"- {c}" for c in citations_for(pipeline, coils=any(a.n_coils for a in acquisitions))
+        )
         + "\n"
     )
     wf = init_qsmflow_wf(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from nipype.interfaces.base import (
     File,
@@ -212,41 +214,77 @@ class _CoilCombinationInputSpec(ThreadedInputSpec):
     )
     sigma_mm = traits.Float(4.0, usedefault=True, desc="smoothing of the coil phase offsets, mm")
     in_mask = File(exists=True, desc="optional mask for the offset smoothing weights")
+    write_stacks = traits.Bool(
+        True,
+        usedefault=True,
+        desc="also write the 4-D out_phase, out_magnitude and out_phase_offsets (False: only the "
+        "per-echo files, a third of the writing)",
+    )
 
 
 class _CoilCombinationOutputSpec(TraitedSpec):
     out_phase = File(exists=True, desc="combined phase in radians, 4-D (echoes)")
     out_magnitude = File(exists=True, desc="combined (root-sum-of-squares) magnitude, 4-D")
+    out_phase_echoes = traits.List(
+        File(exists=True), desc="combined phase in radians, one 3-D NIfTI per echo"
+    )
+    out_magnitude_echoes = traits.List(
+        File(exists=True), desc="combined (root-sum-of-squares) magnitude, one 3-D NIfTI per echo"
+    )
     out_phase_offsets = File(exists=True, desc="per-coil phase offsets in radians, 4-D (coils)")
 
 
+def _load_coil_echoes(phase_files, mag_files) -> tuple[np.ndarray, np.ndarray, object]:
+    """Stack per-echo coil files into float32 (x, y, z, echo, coil) magnitude and phase.
+
+    The 5-D arrays are allocated once and filled file by file, so the peak is the two arrays
+    plus one file being read.
+    """
+    if len(phase_files) != len(mag_files):
+        raise ValueError(
+            f"in_phase has {len(phase_files)} file(s) but in_magnitude {len(mag_files)}; give "
+            "one uncombined magnitude file per phase echo"
+        )
+    mag = phase = ref = None
+    for e, (p_file, m_file) in enumerate(zip(phase_files, mag_files, strict=True)):
+        for kind, path in (("phase", p_file), ("magnitude", m_file)):
+            data, img = load_echoes(path, what=kind)  # (x, y, z, coil)
+            if ref is None:
+                ref, shape = img, data.shape
+                phase = np.empty(shape[:3] + (len(phase_files), shape[3]), dtype=np.float32)
+                mag = np.empty_like(phase)
+            elif data.shape != shape:
+                raise ValueError(
+                    f"{path}: shape {data.shape} (x, y, z, coil) differs from {phase_files[0]} "
+                    f"{shape}; every echo and part needs the same grid and number of coils"
+                )
+            elif not np.allclose(img.affine, ref.affine, atol=1e-4):
+                raise ValueError(f"{path}: affine differs from {phase_files[0]}; one grid needed")
+            (phase if kind == "phase" else mag)[:, :, :, e] = data
+            del data
+    return mag, phase, ref
+
+
 class CoilCombination(SimpleInterface):
-    """Combine uncombined receive channels with coil phase-offset removal (MCPC-3D-S/ASPIRE)."""
+    """Combine uncombined receive channels with coil phase-offset removal (MCPC-3D-S/ASPIRE).
+
+    Eckstein et al., Magn Reson Med 2018;79:2996-3006. Inputs: one 4-D file (x, y, z, coil) per
+    echo and part. Outputs: the combined phase (rad) and root-sum-of-squares magnitude, both as
+    4-D (echo) files and as one 3-D file per echo, and the removed per-coil phase offsets (rad).
+    """
 
     input_spec = _CoilCombinationInputSpec
     output_spec = _CoilCombinationOutputSpec
 
     def _run_interface(self, runtime):
-        phases, mags, ref = [], [], None
-        for p_file, m_file in zip(self.inputs.in_phase, self.inputs.in_magnitude, strict=False):
-            p, img = load_echoes(p_file, what="phase")
-            m, _ = load_echoes(m_file, what="magnitude")
-            if m.shape != p.shape:
-                raise ValueError(f"{m_file}: shape {m.shape} differs from {p_file} {p.shape}")
-            if ref is not None and (
-                p.shape != phases[0].shape or not np.allclose(img.affine, ref.affine, atol=1e-4)
-            ):
-                raise ValueError(f"{p_file}: grid or coil count differs from the first echo")
-            ref = ref or img
-            phases.append(p)
-            mags.append(m)
-        if len(phases) != len(self.inputs.in_magnitude):
-            raise ValueError("in_phase and in_magnitude need one file per echo each")
-        tes = _check_echo_times(self.inputs.echo_times, len(phases))
+        phase_files, mag_files = list(self.inputs.in_phase), list(self.inputs.in_magnitude)
+        tes = _check_echo_times(self.inputs.echo_times, len(phase_files))
         if len(tes) < 2:
-            raise ValueError("coil combination needs at least two echoes")
-        phase = np.stack(phases, axis=3)  # (x, y, z, echo, coil)
-        mag = np.stack(mags, axis=3)
+            raise ValueError(
+                "coil combination needs at least two echoes (the coil phase offsets come from "
+                f"the first two), got {len(tes)}"
+            )
+        mag, phase, ref = _load_coil_echoes(phase_files, mag_files)
         mask = (
             load_nifti(self.inputs.in_mask, dtype=bool)[0]
             if isdefined(self.inputs.in_mask)
@@ -262,13 +300,27 @@ class CoilCombination(SimpleInterface):
             mask=mask,
             n_threads=self.inputs.num_threads,
         )
-        src = first_file(self.inputs.in_phase)
-        for key, data, suffix in (
+        del mag, phase
+        src = first_file(phase_files)
+        stacks = (
             ("out_phase", res.phase_rad, "combinedphase"),
             ("out_magnitude", res.magnitude, "combinedmag"),
             ("out_phase_offsets", res.phase_offsets_rad, "coiloffsets"),
-        ):
+        )
+        for key, data, suffix in stacks if self.inputs.write_stacks else ():
             path = output_path(runtime.cwd, src, suffix)
             save_nifti(data, ref.affine, path, header=ref.header)
             self._results[key] = path
+        for key, data, files in (
+            ("out_phase_echoes", res.phase_rad, phase_files),
+            ("out_magnitude_echoes", res.magnitude, mag_files),
+        ):
+            paths = []
+            unique = len({Path(f).name for f in files}) == len(files)
+            for e, source in enumerate(files):
+                suffix = "coilcombined" if unique else f"coilcombined{e + 1}"
+                path = output_path(runtime.cwd, source, suffix)
+                save_nifti(data[..., e], ref.affine, path, header=ref.header)
+                paths.append(path)
+            self._results[key] = paths
         return runtime

@@ -150,7 +150,9 @@ class Acquisition:
     """One multi-echo GRE acquisition found in a BIDS dataset.
 
     ``phase`` and ``magnitude`` are per-echo file paths sorted by echo; ``echo_times_s`` in
-    seconds; ``b0_tesla`` in Tesla; ``shape`` the image grid.
+    seconds; ``b0_tesla`` in Tesla; ``shape`` the image grid (x, y, z). ``n_coils`` > 0 marks
+    uncombined receive-coil data: every per-echo file is 4-D with the channels along the 4th
+    axis, to be combined (MCPC-3D-S / ASPIRE) before the rest of the pipeline.
     """
 
     subject: str
@@ -166,6 +168,8 @@ class Acquisition:
     mask: str | None = None
     #: a segmentation (``_dseg``) on the same grid, for the report's ROI table, or None
     segmentation: str | None = None
+    #: number of uncombined receive channels (4th axis of each per-echo file); 0: combined
+    n_coils: int = 0
 
     @property
     def label(self) -> str:
@@ -252,7 +256,7 @@ def _make_acquisition(sub, ses, acq, run, parts, nib) -> Acquisition:
             f"{where}: {len(phase)} phase echo(es) but {len(mag)} magnitude echo(es); every "
             "phase echo needs its magnitude"
         )
-    tes, b0, shape = [], None, None
+    tes, b0 = [], None
     for f in phase:
         meta = f.get_metadata()
         if "EchoTime" not in meta:
@@ -261,12 +265,21 @@ def _make_acquisition(sub, ses, acq, run, parts, nib) -> Acquisition:
             raise ValueError(
                 f"{f.path}: sidecar has no MagneticFieldStrength (Tesla); add it to the JSON"
             )
+        if not isinstance(meta["EchoTime"], int | float) or isinstance(meta["EchoTime"], bool):
+            raise ValueError(
+                f"{f.path}: EchoTime must be one number (seconds), got {meta['EchoTime']!r}; "
+                "write multi-echo data as one file per echo (echo-<index> entity), each with "
+                "its own EchoTime"
+            )
         tes.append(float(meta["EchoTime"]))
         b0 = float(meta["MagneticFieldStrength"])
-        img_shape = nib.load(f.path).shape[:3]
-        if shape is not None and img_shape != shape:
-            raise ValueError(f"{f.path}: shape {img_shape} differs from echo 1 {shape}")
-        shape = img_shape
+    shape, n_coils = _grid_and_coils(phase, mag, nib)
+    if n_coils and len(phase) < 2:
+        raise ValueError(
+            f"{where}: uncombined receive-coil data ({n_coils} channels along the 4th axis) "
+            "need at least two echoes for the coil phase offsets (MCPC-3D-S / ASPIRE); "
+            "combine the channels on the scanner or acquire two or more echoes"
+        )
     return Acquisition(
         subject=sub,
         session=ses,
@@ -277,7 +290,50 @@ def _make_acquisition(sub, ses, acq, run, parts, nib) -> Acquisition:
         echo_times_s=tes,
         b0_tesla=b0,
         shape=tuple(shape),
+        n_coils=n_coils,
     )
+
+
+def _grid_and_coils(phase, mag, nib) -> tuple[tuple[int, ...], int]:
+    """Common grid (x, y, z) of the per-echo files and their number of receive coils.
+
+    A file with a 4th axis longer than 1 holds uncombined receive channels (one file per echo
+    and part, as ``qsmflow-dicom2bids`` and ``qsmflow-simulate --coils`` write them); every
+    file of the acquisition must then have the same number. 3-D files (and 4-D files with one
+    volume) are coil-combined images, whatever ``ReceiveCoilActiveElements`` lists: scanners
+    also list the active elements (e.g. Siemens ``HEA;HEP``) for combined images.
+    """
+    shape, n_coils, first = None, None, None
+    for f in [*phase, *mag]:
+        img_shape = tuple(int(n) for n in nib.load(f.path).shape)
+        if len(img_shape) < 3 or len(img_shape) > 4:
+            raise ValueError(
+                f"{f.path}: shape {img_shape}; expected a 3-D image or a 4-D image with the "
+                "receive coils along the 4th axis (one file per echo and part)"
+            )
+        coils = img_shape[3] if len(img_shape) == 4 and img_shape[3] > 1 else 0
+        if shape is None:
+            shape, n_coils, first = img_shape[:3], coils, f
+            continue
+        if img_shape[:3] != shape:
+            raise ValueError(
+                f"{f.path}: grid {img_shape[:3]} differs from {first.path} {shape}; every "
+                "echo's magnitude and phase must share one grid"
+            )
+        if coils != n_coils:
+            raise ValueError(
+                f"{f.path}: {_describe_coils(coils)} but {first.path} has "
+                f"{_describe_coils(n_coils)}; every echo's magnitude and phase file needs the "
+                "same receive coils (re-export the series with the same channels, or use "
+                "coil-combined images for all of them)"
+            )
+    return shape, n_coils
+
+
+def _describe_coils(n: int) -> str:
+    if n:
+        return f"{n} uncombined receive coils (4th axis)"
+    return "coil-combined images (3-D)"
 
 
 def _entities(name: str) -> tuple[dict[str, str], str]:

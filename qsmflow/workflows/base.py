@@ -14,7 +14,7 @@ from nipype.pipeline import engine as pe
 from ..interfaces import DerivativesDataSink, QCReport
 from ..io.bids import Acquisition
 from .multi_orientation import group_orientations, init_multi_orientation_wf
-from .qsm import init_qsm_wf
+from .qsm import COIL_COMBINE_METHODS, init_qsm_wf
 
 _METHOD_TEXT = {
     "vsharp": "V-SHARP (Wu et al. 2012)",
@@ -55,6 +55,39 @@ _COMBINE_TEXT = {
 }
 
 
+_COIL_TEXT = {
+    "mcpc3ds": "MCPC-3D-S (Eckstein et al. 2018)",
+    "aspire": "ASPIRE (Eckstein et al. 2018)",
+}
+
+
+def coil_combination_text(method: str, n_coils: int) -> str:
+    """Sidecar text of the coil combination of ``n_coils`` uncombined channels."""
+    return (
+        f"{_COIL_TEXT[method]}: the phase offset of each of the {n_coils} receive channels, from "
+        "the first two echoes, smoothed (Gaussian, 4 mm) and removed before the channels' "
+        "complex sum (weights: channel magnitude squared); magnitude: root sum of squares"
+    )
+
+
+def check_coil_combination(pipeline: dict[str, Any], acq: Acquisition) -> str:
+    """The coil-combination method for ``acq``; ASPIRE's echo times are checked up front."""
+    method = pipeline.get("coil_combine", "mcpc3ds")
+    if method not in COIL_COMBINE_METHODS:
+        raise ValueError(
+            f"pipeline option coil_combine = {method!r} is not one of "
+            f"{', '.join(COIL_COMBINE_METHODS)}"
+        )
+    tes = acq.echo_times_s
+    if acq.n_coils and method == "aspire" and abs(tes[1] - 2 * tes[0]) > 0.01 * tes[1]:
+        raise ValueError(
+            f"{acq.label}: coil_combine 'aspire' needs TE2 = 2 * TE1, but the echo times are "
+            f"{tes[0] * 1e3:g} and {tes[1] * 1e3:g} ms; use coil_combine 'mcpc3ds' (any echo "
+            "times) in the pipeline"
+        )
+    return method
+
+
 def _sinks(
     pipeline: dict[str, Any], acq: Acquisition
 ) -> list[tuple[str, str, str | None, str, dict]]:
@@ -64,6 +97,12 @@ def _sinks(
         mask_meta = {"Method": f"reused from the derivatives file {acq.mask}"}
     else:
         mask_meta = {"Method": _METHOD_TEXT[pipeline["mask_method"]]}
+    # uncombined receive channels: every map derived from the combined images says how
+    coil_meta, mag_text = {}, "First-echo magnitude"
+    if acq.n_coils:
+        method = pipeline.get("coil_combine", "mcpc3ds")
+        coil_meta = {"CoilCombination": coil_combination_text(method, acq.n_coils)}
+        mag_text = f"First-echo magnitude, root sum of squares of {acq.n_coils} receive channels"
     return [
         (
             "chi",
@@ -79,6 +118,7 @@ def _sinks(
                 "TwoPass": pipeline["two_pass"],
                 "Reference": "mean over the background-removal mask",
                 "SkullStripped": True,
+                **coil_meta,
             },
         ),
         (
@@ -107,7 +147,7 @@ def _sinks(
             "R2starmap",
             None,
             "anat",
-            {"Units": "Hz", "Description": "R2* (log-linear fit)"},
+            {"Units": "Hz", "Description": "R2* (log-linear fit)", **coil_meta},
         ),
         (
             "field_hz",
@@ -118,9 +158,10 @@ def _sinks(
                 "Units": "Hz",
                 "Description": "Total field",
                 "Method": f"{unwrap}; weighted linear fit over echo times",
+                **coil_meta,
             },
         ),
-        ("magnitude", "magnitude", None, "fmap", {"Description": "First-echo magnitude"}),
+        ("magnitude", "magnitude", None, "fmap", {"Description": mag_text, **coil_meta}),
         (
             "local_field",
             "fieldmap",
@@ -130,9 +171,10 @@ def _sinks(
                 "Units": "Hz",
                 "Description": "Local field",
                 "Method": _METHOD_TEXT[pipeline["bfr_method"]],
+                **coil_meta,
             },
         ),
-        ("magnitude", "magnitude", "local", "fmap", {"Description": "First-echo magnitude"}),
+        ("magnitude", "magnitude", "local", "fmap", {"Description": mag_text, **coil_meta}),
     ]
 
 
@@ -211,6 +253,8 @@ def init_subject_wf(
             inversion_method=pipeline["inversion_method"],
             two_pass=pipeline["two_pass"],
             existing_mask=acq.mask is not None,
+            n_coils=acq.n_coils,
+            coil_combine=check_coil_combination(pipeline, acq),
             n_threads=n_threads,
             name=f"qsm_{tag}_wf",
         )

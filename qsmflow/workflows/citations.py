@@ -71,13 +71,18 @@ CITATIONS: dict[str, str] = {
     "dip": "Ulyanov D, Vedaldi A, Lempitsky V. Deep image prior. CVPR 2018.",
     "modl": "Feng R et al. MoDL-QSM: Model-based deep learning for quantitative susceptibility "
     "mapping. NeuroImage 2021;240:118376.",
+    "mcpc3ds": "Eckstein K et al. Computationally efficient combination of multi-channel phase "
+    "data from multi-echo acquisitions (ASPIRE). Magn Reson Med 2018;79:2996-3006 (MCPC-3D-S).",
+    "aspire": "Eckstein K et al. Computationally efficient combination of multi-channel phase "
+    "data from multi-echo acquisitions (ASPIRE). Magn Reson Med 2018;79:2996-3006.",
     "spinet": "Vaddadi VK et al. SpiNet-QSM: model-based deep learning with schatten p-norm "
     "regularization for improved quantitative susceptibility mapping. MAGMA 2024.",
 }
 
 
-def citations_for(pipeline: dict[str, Any]) -> list[str]:
-    """Citations of the methods a pipeline uses (plus qsmflow and Nipype), without repeats."""
+def citations_for(pipeline: dict[str, Any], *, coils: bool = False) -> list[str]:
+    """Citations of the methods a pipeline uses (plus qsmflow and Nipype), without repeats;
+    ``coils``: the data include uncombined receive channels (adds ``coil_combine``'s paper)."""
     keys = [
         "qsmflow",
         "nipype",
@@ -87,6 +92,7 @@ def citations_for(pipeline: dict[str, Any]) -> list[str]:
         pipeline["inversion_method"],
         pipeline.get("combine", "fit"),
         "multi-orientation" if pipeline.get("multi_orientation") else "",
+        pipeline.get("coil_combine", "mcpc3ds") if coils else "",
     ]
     out: list[str] = []
     for key in keys:

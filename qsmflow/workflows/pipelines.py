@@ -19,6 +19,8 @@ OPTIONS: dict[str, Any] = {
     "unwrap_method": ("region-growing", "laplacian"),
     "unwrap_mode": ("template", "individual"),
     "combine": ("fit", "echo-average"),
+    # uncombined receive coils only: MCPC-3D-S (any TEs) or ASPIRE (TE2 = 2 TE1)
+    "coil_combine": ("mcpc3ds", "aspire"),
     "bfr_method": ("vsharp", "sharp", "resharp", "ismv", "pdf", "lbv"),
     "inversion_method": (
         "tkd",
