@@ -74,7 +74,7 @@ def head(sim_2mm):
 
 
 #: method -> keywords beyond the defaults. Measured (demeaned NRMSE %, |1 - DGM slope|; TKD
-#: 44.6 % / 0.049): TV 15.8 / 0.018, TGV (Laplacian data term, 200 iterations) 26.3 / 0.027,
+#: 44.6 % / 0.049): TV 15.8 / 0.018, TGV (Laplacian data term, 150 iterations) 27.3 / 0.033,
 #: MEDI 16.9 / 0.025, NDI (sources within 2 mm of the mask, 150 iterations) 32.1 / 0.081.
 #: The others, for reference: TSVD 50.0 / 0.063, Tikhonov 41.4 / 0.070, iLSQR 38.8 / 0.051,
 #: star-QSM 30.4 / 0.058, RTS 25.9 / 0.080 (41.3 / 0.218 with the published 4 LSMR steps).

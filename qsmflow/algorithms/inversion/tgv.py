@@ -63,9 +63,9 @@ box.
 **What to expect.** The Laplacian discards every field harmonic in the mask, and with it the
 part of the brain's own field that is harmonic there, so chi is less well determined than
 from a background-free field. On the simulated 2 mm head (true local field, SNR 100 field
-noise, published alphas) the demeaned NRMSE is 26 % after 200 iterations (25.6 % after 300;
+noise, published alphas) the demeaned NRMSE is 27.3 % after 150 iterations (26.3 % after 200;
 TKD 44.6 %; the former field-fitting variant reached 16.5 %). Its strength is a field that is
-not background-free: after V-SHARP 45 % and after PDF 54 % (TKD 51.6 % / 58.3 %; the
+not background-free: after V-SHARP 46 % and after PDF 54 % (TKD 51.6 % / 58.3 %; the
 field-fitting variant 72 % / 108 %). A constant or linear background changes nothing (start
 and iteration ignore it); a higher-order harmonic one is ignored by the iteration but leaves
 an imprint through the starting point that the iterations remove only slowly (0.08 ppm RMS of
@@ -118,7 +118,7 @@ def tgv_alpha_for_phase(
 TGV_ALPHA_PPM: tuple[float, float] = tgv_alpha_for_phase(0.020, 3.0)
 
 #: Default maximum number of primal-dual iterations.
-TGV_MAX_ITER = 200
+TGV_MAX_ITER = 150
 
 _MARGIN = 2  # voxels kept around the mask's bounding box (the mask never touches its edge)
 # Step sizes (see _step_sizes): primal step of chi and w, and of phi, in units of the bound.
