@@ -160,8 +160,10 @@ def test_coil_combination_feeds_everything_downstream(method):
     # memory: the 5-D magnitude and phase of 3 echoes x 8 coils dominate
     data_gb = math.prod(shape) * 3 * 8 * 4 / 1e9
     assert 2 * data_gb < combine.mem_gb - 0.3 < 4 * data_gb
-    bigger = init_qsm_wf(n_voxels=math.prod(shape), n_echoes=3, n_coils=32)
-    assert bigger.get_node("coil_combine_wf.coil_combine").mem_gb > 3 * combine.mem_gb - 1
+    bigger = init_qsm_wf(n_voxels=math.prod(shape), n_echoes=3, n_coils=32, n_threads=3)
+    big = bigger.get_node("coil_combine_wf.coil_combine")
+    assert big.mem_gb > 3 * combine.mem_gb - 1
+    assert big.n_procs == big.interface.inputs.num_threads == 3
     assert "coil_combine_wf" not in init_qsm_wf(n_voxels=1000, n_echoes=3).list_node_names()
     plain = _feeds(init_qsm_wf(n_voxels=1000, n_echoes=3))
     assert plain[("qsm_wf.unwrap", "in_phase")] == ("qsm_wf.inputnode", "phase")

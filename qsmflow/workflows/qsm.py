@@ -91,8 +91,8 @@ def init_coil_combine_wf(
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=["phase", "magnitude"]), name="outputnode")
     # peak: the 5-D magnitude and phase (2 copies of echoes x coils), one file being read, the
-    # outputs and slab temporaries; measured 3.4-3.6 copies (2 and 1.5 mm heads, 4 echoes,
-    # 8 coils: 0.36 GB above the imports for 0.10 GB of data, 0.81 GB for 0.24 GB)
+    # outputs and slab temporaries; measured 3.3-3.6 copies (2 and 1.5 mm heads, 4 echoes,
+    # 8 coils: 0.37 GB above the imports for 0.10 GB of data, 0.78 GB for 0.24 GB)
     combine = pe.Node(
         CoilCombination(method=method, write_stacks=False),
         name="coil_combine",
