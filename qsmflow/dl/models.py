@@ -51,10 +51,13 @@ class ResidualDenoiser(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         mods.append(last)
-        self.net = nn.Sequential(*mods)
+        # channels-last weights make oneDNN run the 3-D convolutions without layout reorders
+        # (about 10x faster on CPU); loaded state dicts keep this layout
+        self.net = nn.Sequential(*mods).to(memory_format=torch.channels_last_3d)
 
     def forward(self, x):
-        return x + self.net(x * CHI_SCALE) / CHI_SCALE
+        y = self.net((x * CHI_SCALE).contiguous(memory_format=torch.channels_last_3d))
+        return x + y.contiguous() / CHI_SCALE
 
 
 class _Unrolled(nn.Module):
@@ -207,8 +210,10 @@ class DIPGenerator(nn.Module):
         self.dec0 = block(c1 + c0, c0)
         self.out = nn.Conv3d(c0, 1, 3, padding=1)
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
+        self.to(memory_format=torch.channels_last_3d)  # fast oneDNN convolutions on CPU
 
     def forward(self, z):
+        z = z.contiguous(memory_format=torch.channels_last_3d)
         e0 = self.enc0(z)
         e1 = self.enc1(e0)
         e2 = self.enc2(e1)

@@ -33,7 +33,7 @@ def dip(
     *,
     magnitude: np.ndarray | None = None,
     n_iter: int | None = None,
-    learning_rate: float = 0.01,
+    learning_rate: float = 0.003,
     tv_weight: float = 0.0,
     noise_ppm: float | None = None,
     patience: int = 50,
@@ -46,7 +46,7 @@ def dip(
     A 3-D encoder-decoder with a fixed noise input (``seed``) is optimised (Adam,
     ``learning_rate``) so that the dipole field of its output matches the field in the mask,
     weighted by the normalised ``magnitude`` when given, plus ``tv_weight`` times its total
-    variation (ppm/mm). Early stopping: ``n_iter`` iterations (default 150 on CPU, 1000 on GPU),
+    variation (ppm/mm). Early stopping: ``n_iter`` iterations (default 300 on CPU, 2000 on GPU),
     the residual reaching ``noise_ppm`` (field noise SD, if known), or ``patience`` iterations
     without improvement. ``device``: 'auto' (CUDA when available), 'cpu' or 'cuda'.
     """
