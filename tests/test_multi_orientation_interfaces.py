@@ -120,6 +120,9 @@ def test_register_orientations_interface(tmp_path):
     out = res.outputs
     report = json.loads(Path(out.out_report).read_text())["Orientations"]
     assert [o["success"] for o in report] == [True, True, False]
+    reg = json.loads(Path(out.out_sidecar).read_text())["Registration"]
+    assert reg["Used"] == [True, True, False] and reg["Similarity"][2] < 0.6
+    assert str(tmp_path) not in json.dumps(reg)  # no work-directory paths in sidecars
     assert len(out.out_fields) == len(out.out_transforms) == 2
     np.testing.assert_allclose(np.loadtxt(out.out_transforms[0]), np.eye(4))
     np.testing.assert_allclose(np.loadtxt(out.out_transforms[1])[:3, :3], rot, atol=0.01)

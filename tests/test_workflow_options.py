@@ -264,6 +264,10 @@ def test_multi_orientation_preset_writes_cosmos(tmp_path):
     cosmos = anat / "sub-01_desc-cosmos_Chimap.nii.gz"
     side = json.loads((anat / "sub-01_desc-cosmos_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["Orientations"] == 3
+    # the registration's per-orientation similarity and transform reach the sidecar
+    reg = side["Registration"]
+    assert len(reg["Similarity"]) == 3 and all(reg["Used"]) and min(reg["Similarity"]) > 0.6
+    assert np.allclose(reg["TransformsMm"][0], np.eye(4))
     truth = nib.load(bids / GT / "sub-01/anat/sub-01_acq-ori1_Chimap.nii.gz").get_fdata()
     seg_file = bids / GT / "sub-01/anat/sub-01_acq-ori1_desc-phantom_dseg.nii.gz"
     seg = np.asarray(nib.load(seg_file).dataobj).astype(int)

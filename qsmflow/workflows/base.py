@@ -30,7 +30,7 @@ _METHOD_TEXT = {
     "star": "star-QSM (Wei et al. 2015)",
     "medi": "MEDI (Liu et al. 2012), nonlinear data term",
     "ndi": "NDI (Polak et al. 2020)",
-    "tgv": "TGV (Langkammer et al. 2015), local-field variant",
+    "tgv": "TGV (Langkammer et al. 2015), Laplacian data term",
     "tv": "TV-ADMM (Bilgic et al. 2014; FANSI, Milovic et al. 2018)",
     "rts": "RTS (Kames et al. 2018)",
     "dip": "Deep Image Prior (Ulyanov et al. 2018) fitted to the local field",

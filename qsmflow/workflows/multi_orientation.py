@@ -198,5 +198,8 @@ def init_multi_orientation_wf(
                 name=f"ds_{desc}",
                 mem_gb=0.1,
             )
-            wf.connect(node, field, sink, "in_file")
+            wf.connect([
+                (node, sink, [(field, "in_file")]),
+                (register, sink, [("out_sidecar", "in_metadata_file")]),
+            ])  # fmt: skip
     return wf
