@@ -137,6 +137,12 @@ def test_dip_on_odd_grid_and_oblique_b0(torch):
     out = inversion.dip(field, mask, (1, 1, 1.5), OBLIQUE, n_iter=3, magnitude=mask * 1.0)
     assert out.shape == shape and out.dtype == np.float32
     assert np.all(np.isfinite(out)) and not out[~mask].any() and out[mask].any()
+    # a 4-D (echo) magnitude is accepted like in TV/MEDI/NDI: root-sum-of-squares over echoes
+    mag4 = np.stack([mask * 1.0, mask * 0.5], axis=-1)
+    out4 = inversion.dip(field, mask, (1, 1, 1.5), OBLIQUE, n_iter=3, magnitude=mag4)
+    assert out4.shape == shape and np.all(np.isfinite(out4))
+    with pytest.raises(ValueError, match="magnitude shape"):
+        inversion.modl(field, mask, (1, 1, 1.5), OBLIQUE, magnitude=np.ones((5, 5, 5)))
 
 
 def test_training_writes_a_checkpoint_and_resumes(torch, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import check_inversion_inputs
+from .ndi import _magnitude_3d
 
 __all__ = ["dip", "modl", "spinet"]
 
@@ -52,6 +53,8 @@ def dip(
     """
     from ...dl.inference import dip_inversion
 
+    # a 4-D (x, y, z, echo) magnitude is combined by root-sum-of-squares, as in TV/MEDI/NDI
+    magnitude = _magnitude_3d(magnitude, np.shape(local_field_ppm))
     field, mask = check_inversion_inputs(
         local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude=magnitude
     )
@@ -66,6 +69,7 @@ def _unrolled(kind, local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude, wei
               n_threads):  # fmt: skip
     from ...dl.inference import unrolled_inversion
 
+    magnitude = _magnitude_3d(magnitude, np.shape(local_field_ppm))
     field, mask = check_inversion_inputs(
         local_field_ppm, mask, voxel_size_mm, b0_dir, magnitude=magnitude
     )
