@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common import ISO_2MM, MATRIX_2MM, Benchmark
-from rows_inversion import check, setup
+from rows_inversion import check, setup, timed_inversion
 
 #: after the classical inversions (60)
 ORDER = 65
@@ -38,24 +38,6 @@ GRIDS = (
 
 #: training settings of the shipped weights
 TRAIN = {"steps": 25, "batch": 2, "patch": 32}
-
-
-def _prepare(method: str) -> Callable[[dict, int], Callable[[], Any]]:
-    def prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
-        from qsmflow.algorithms import inversion
-
-        func = getattr(inversion, method)
-        args = (inputs["local_field_ppm"], inputs["mask"], inputs["voxel_mm"], inputs["b0_dir"])
-        kwargs = {"magnitude": inputs["magnitude"]} if method == "dip" else {}
-
-        def call() -> tuple[Any, float]:
-            cpu0 = time.process_time()
-            chi = func(*args, n_threads=n_threads, **kwargs)
-            return chi, time.process_time() - cpu0
-
-        return call
-
-    return prepare
 
 
 def _setup_train(bench: Benchmark, workdir: Path) -> dict:
@@ -116,7 +98,7 @@ def rows() -> list[Benchmark]:
                     matrix,
                     vox,
                     setup,
-                    _prepare(method),
+                    timed_inversion(method, method == "dip"),
                     check,
                     quick=quick,
                 )  # fmt: skip

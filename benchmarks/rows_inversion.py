@@ -108,13 +108,15 @@ def setup_vsharp(bench: Benchmark, workdir: Path) -> dict:
     return head
 
 
-def _prepare(method: str) -> Callable[[dict, int], Callable[[], Any]]:
+def timed_inversion(method: str, with_magnitude: bool) -> Callable[[dict, int], Callable[[], Any]]:
+    """A row's ``prepare``: ``qsmflow.algorithms.inversion.<method>`` returning (chi, CPU s)."""
+
     def prepare(inputs: dict, n_threads: int) -> Callable[[], Any]:
         from qsmflow.algorithms import inversion
 
         func = getattr(inversion, method)
         args = (inputs["local_field_ppm"], inputs["mask"], inputs["voxel_mm"], inputs["b0_dir"])
-        kwargs = {"magnitude": inputs["magnitude"]} if METHODS[method][1] else {}
+        kwargs = {"magnitude": inputs["magnitude"]} if with_magnitude else {}
 
         def call() -> tuple[Any, float]:
             cpu0 = time.process_time()
@@ -160,7 +162,7 @@ def rows() -> list[Benchmark]:
             matrix,
             vox,
             setup=setup_vsharp,
-            prepare=_prepare(method),
+            prepare=timed_inversion(method, METHODS[method][1]),
             check=check,
             quick=quick,
         )
@@ -174,7 +176,7 @@ def rows() -> list[Benchmark]:
             matrix,
             vox,
             setup=setup,
-            prepare=_prepare(method),
+            prepare=timed_inversion(method, METHODS[method][1]),
             check=check,
             quick=quick,
         )
