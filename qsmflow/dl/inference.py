@@ -22,6 +22,7 @@ from scipy import ndimage
 from ._torch import require_torch
 
 __all__ = [
+    "apply_unrolled",
     "dip_inversion",
     "load_weights",
     "shipped_weights",
@@ -182,20 +183,43 @@ def unrolled_inversion(
 ) -> np.ndarray:
     """Run a trained MoDL-QSM / SpiNet-QSM network on a whole volume; chi in ppm (float32)."""
     torch = require_torch(kind)
-    from .dipole import DipoleOperator
-
     dev = _device(torch, device)
     with _threads(torch, n_threads):
         model, meta = load_weights(kind, weights, device=dev)
-        grid = _Grid(mask, voxel_size_mm, trained_range_mm=_trained_range(meta))
-        m = torch.from_numpy(grid.mask.astype(np.float32))[None, None].to(dev)
-        f = torch.from_numpy(grid.to_net(local_field_ppm))[None, None].to(dev) * m
-        op = DipoleOperator.build(
-            grid.net_shape, grid.net_vox, b0_dir, weights=m, support=m,
-            pad_factor=pad_factor, device=dev,
+        return apply_unrolled(
+            model, local_field_ppm, mask, voxel_size_mm, b0_dir,
+            trained_range_mm=_trained_range(meta), pad_factor=pad_factor, device=dev,
         )  # fmt: skip
-        with torch.inference_mode():
-            chi = model(f, op)[0, 0].cpu().numpy()
+
+
+def apply_unrolled(
+    model,
+    local_field_ppm: np.ndarray,
+    mask: np.ndarray,
+    voxel_size_mm: Sequence[float],
+    b0_dir: Sequence[float],
+    *,
+    trained_range_mm: tuple[float, float] | None = None,
+    pad_factor: float = 1.5,
+    device="cpu",
+) -> np.ndarray:
+    """chi (ppm) of an unrolled ``model`` (on ``device``) applied to a whole volume.
+
+    The volume is cropped to the mask (and resampled when its voxel size is far outside
+    ``trained_range_mm``); torch's current thread count is used.
+    """
+    torch = require_torch()
+    from .dipole import DipoleOperator
+
+    grid = _Grid(mask, voxel_size_mm, trained_range_mm=trained_range_mm)
+    m = torch.from_numpy(grid.mask.astype(np.float32))[None, None].to(device)
+    f = torch.from_numpy(grid.to_net(local_field_ppm))[None, None].to(device) * m
+    op = DipoleOperator.build(
+        grid.net_shape, grid.net_vox, b0_dir, weights=m, support=m, pad_factor=pad_factor,
+        device=device,
+    )  # fmt: skip
+    with torch.inference_mode():
+        chi = model(f, op)[0, 0].cpu().numpy()
     out = grid.from_net(chi)
     return np.where(mask, out, np.float32(0)).astype(np.float32)
 
