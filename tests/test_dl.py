@@ -150,18 +150,24 @@ def test_training_writes_a_checkpoint_and_resumes(torch, tmp_path):
 
     argv = ["spinet", str(tmp_path), "--epochs", "1", "--steps-per-epoch", "2", "--patch",
             "12", "--train-seeds", "101", "--voxel-sizes", "4.0", "--iterations", "1",
-            "--cg-iter", "2", "--channels", "4", "--layers", "2"]  # fmt: skip
+            "--cg-iter", "2", "--channels", "4", "--layers", "2", "--val-every", "1"]  # fmt: skip
     assert train.main(argv) == 0
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
     first = {k: v.clone() for k, v in ck["state_dict"].items()}
-    assert train.main([*argv[:3], "2", *argv[4:], "--resume"]) == 0
+    assert train.main([*argv[:3], "3", *argv[4:], "--resume", "--lr-min", "1e-4"]) == 0
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2]
+    assert ck["epoch"] == 3 and [h["epoch"] for h in ck["history"]] == [1, 2, 3]
     assert any(not torch.equal(first[k], v) for k, v in ck["state_dict"].items())
+    # cosine decay over the resumed run's two epochs: --lr, then halfway to --lr-min
+    assert [h["lr"] for h in ck["history"][1:]] == pytest.approx([1e-3, 5.5e-4])
+    vals = [h["val_nrmse_pct"] for h in ck["history"]]
+    assert all(np.isfinite(vals)) and ck["best_val"] == min(vals)
     meta = json.loads((tmp_path / "spinet.json").read_text())
-    assert meta["epochs"] == 2 and len(meta["commands"]) == 2
-    assert meta["commands"][1].endswith("--resume")
+    # the exported weights are those of the best validation epoch
+    assert meta["val_nrmse_pct"] == min(vals) and vals[meta["epochs"] - 1] == min(vals)
+    assert meta["data"]["validation"]["seed"] == 108
+    assert len(meta["commands"]) == 2 and meta["commands"][1].endswith("1e-4")
     # the exported weights run as a method
     mask = ball((16, 16, 16), 6)
     field = np.where(mask, 0.01, 0).astype(np.float32)
@@ -171,6 +177,60 @@ def test_training_writes_a_checkpoint_and_resumes(torch, tmp_path):
         inversion.modl(field, mask, (4, 4, 4), weights=tmp_path / "spinet.pt")
     with pytest.raises(ValueError, match="test subject"):
         train.main(["modl", str(tmp_path / "x"), "--train-seeds", "0", "1"])
+    with pytest.raises(ValueError, match="also a training seed"):
+        train.main(["modl", str(tmp_path / "x"), "--train-seeds", "108"])
+
+
+def test_spinet_starts_from_modl_weights(torch, tmp_path):
+    """--init-weights: SpiNet takes a MoDL denoiser and lambda; p starts at --p-init."""
+    from qsmflow.dl import train
+    from qsmflow.dl.inference import load_weights, shipped_weights
+
+    argv = ["spinet", str(tmp_path), "--epochs", "1", "--steps-per-epoch", "1", "--patch",
+            "12", "--train-seeds", "101", "--voxel-sizes", "4.0", "--iterations", "1",
+            "--cg-iter", "1", "--val-every", "0", "--lr", "1e-12", "--p-init", "1.8",
+            "--init-weights", str(shipped_weights("modl")[0])]  # fmt: skip
+    assert train.main(argv) == 0
+    modl, _ = load_weights("modl")
+    spinet, _ = load_weights("spinet", tmp_path / "spinet.pt")
+    assert spinet.p.item() == pytest.approx(1.8, abs=1e-4)
+    assert spinet.lam.item() == pytest.approx(modl.lam.item(), rel=1e-6)
+    w_modl = modl.denoiser.net[0].weight
+    assert torch.allclose(spinet.denoiser.net[0].weight, w_modl, atol=1e-7)
+    with pytest.raises(ValueError, match="does not fit"):
+        train.main([*argv[:-1], str(tmp_path / "spinet.pt"), "--channels", "8"])
+
+
+def test_chi33_training_patches_follow_sti_physics(torch):
+    """Anisotropic training heads: label chi33 = b^T X b, field = STI model; flips stay exact.
+
+    Flipping the tensor patch along an axis (with the sign of the off-diagonal components that
+    involve that axis) must give the flipped field of the unflipped patch for the mirrored B0.
+    """
+    from qsmflow.algorithms.multi_orientation.sti import project_tensor, tensor_forward_field
+    from qsmflow.dl.train import _tensor_patch, make_training_subject, sample_batch
+
+    subject = make_training_subject(101, (4.0, 4.0, 4.0), wm_anisotropy_ppm=0.02)
+    tensor, mask = subject["tensor"], subject["mask"]
+    assert tensor.shape == mask.shape + (6,) and not tensor[~mask].any()
+    assert np.abs(tensor[..., [1, 2, 4]]).max() > 1e-3  # anisotropic WM present
+    corner = np.array(mask.shape) // 2 - 8
+    b0 = np.array([0.3, -0.4, 0.866])
+    label, field = _tensor_patch(subject, corner, 16, (), b0)
+    patch = tensor[tuple(slice(c, c + 16) for c in corner)]
+    np.testing.assert_allclose(label, project_tensor(patch, b0), atol=1e-7)
+    np.testing.assert_allclose(field, tensor_forward_field(patch, (4, 4, 4), b0, pad_factor=1.5))
+    for flips in [(0,), (1, 2), (0, 1, 2)]:
+        mirrored = b0 * np.array([-1.0 if ax in flips else 1.0 for ax in range(3)])
+        label_f, field_f = _tensor_patch(subject, corner, 16, flips, mirrored)
+        np.testing.assert_allclose(field_f, np.flip(field, flips), atol=1e-6)
+        np.testing.assert_allclose(label_f, np.flip(label, flips), atol=1e-7)
+    field_t, op, chi, m = sample_batch(
+        subject, np.random.default_rng(0), batch=2, patch=16, noise_ppm=(1e-4, 1e-4),
+        max_tilt_deg=30,
+    )  # fmt: skip
+    assert field_t.shape == chi.shape == m.shape == (2, 1, 16, 16, 16)
+    assert not field_t[m == 0].any() and float(chi.abs().max()) > 0.01
 
 
 def test_resume_without_checkpoint_is_explained(torch, tmp_path):

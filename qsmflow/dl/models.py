@@ -1,9 +1,9 @@
 """Networks: DIP generator, MoDL-QSM and SpiNet-QSM (PyTorch; importing this module needs torch).
 
-* :class:`DIPGenerator` - Deep Image Prior (Ulyanov et al., CVPR 2018) as used for dipole
-  inversion (e.g. Bollmann et al., DeepQSM/DIP experiments; Zhang et al., "Deep image prior
-  QSM"): a small 3-D encoder-decoder with skip connections mapping a fixed noise input to chi;
-  its weights are fitted per volume to the measured field (see :mod:`.inference`).
+* :class:`DIPGenerator` - Deep Image Prior (Ulyanov et al., CVPR 2018) for dipole inversion:
+  a small 3-D encoder-decoder with skip connections mapping a fixed noise input to chi; its
+  weights are fitted per volume to the measured field, by default through a data-fidelity
+  step as in MoDIP (Xiong et al., 2023) (see :func:`.inference.dip_inversion`).
 * :class:`MoDLQSM` - Feng et al., NeuroImage 2021 (after MoDL, Aggarwal et al., IEEE TMI 2019):
   K unrolled iterations ``z_k = R_w(x_k)``, ``x_{k+1} = argmin ||W(A x - f)||^2 + lambda ||x -
   z_k||^2`` with one residual CNN ``R_w`` shared by all iterations, a learnable ``lambda`` and
@@ -184,11 +184,12 @@ class SpiNetQSM(_Unrolled):
 class DIPGenerator(nn.Module):
     """Deep Image Prior generator: 3-D encoder-decoder with skips -> chi (ppm).
 
-    The noise input (1, ``in_channels``, X/2, Y/2, Z/2), fixed during the fit, is encoded at
-    half, quarter and eighth resolution (convolution, batch norm, leaky ReLU, as in Ulyanov et
-    al.) and decoded with skip connections to half resolution; trilinear upsampling and one
-    3x3x3 convolution give the full-resolution map. Keeping the wide layers off the full grid
-    makes a fit affordable on a CPU. X, Y, Z: multiples of 8.
+    The noise input (1, ``in_channels``, X, Y, Z), fixed during the fit, goes through one
+    full-resolution block, is encoded at half and quarter resolution (convolution, batch norm,
+    leaky ReLU, as in Ulyanov et al.) and decoded with skip connections back to full
+    resolution; a 1x1x1 convolution gives chi. Only the narrow ``channels[0]`` layers run on the
+    full grid, which keeps a fit affordable on a CPU while the output can still follow
+    voxel-scale detail. X, Y, Z: multiples of 4.
     """
 
     def __init__(self, in_channels: int = 4, channels: tuple[int, int, int] = (8, 16, 16)):
@@ -203,12 +204,12 @@ class DIPGenerator(nn.Module):
                 nn.LeakyReLU(0.2, True),
             )
 
-        self.enc0 = nn.Sequential(block(in_channels, c0), block(c0, c0))
+        self.enc0 = block(in_channels, c0)
         self.enc1 = nn.Sequential(block(c0, c1, 2), block(c1, c1))
         self.enc2 = nn.Sequential(block(c1, c2, 2), block(c2, c2))
         self.dec1 = block(c2 + c1, c1)
         self.dec0 = block(c1 + c0, c0)
-        self.out = nn.Conv3d(c0, 1, 3, padding=1)
+        self.out = nn.Conv3d(c0, 1, 1)
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
         self.to(memory_format=torch.channels_last_3d)  # fast oneDNN convolutions on CPU
 
@@ -219,7 +220,7 @@ class DIPGenerator(nn.Module):
         e2 = self.enc2(e1)
         d1 = self.dec1(torch.cat([self.up(e2), e1], dim=1))
         d0 = self.dec0(torch.cat([self.up(d1), e0], dim=1))
-        return self.out(self.up(d0)) / CHI_SCALE
+        return self.out(d0) / CHI_SCALE
 
 
 def build_model(kind: str, config: dict):

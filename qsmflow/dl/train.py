@@ -299,11 +299,20 @@ def _initial_model(args, config: dict, device):
     if args.init_weights is not None:
         ck = torch.load(args.init_weights, map_location=device, weights_only=True)
         state = {k: v for k, v in ck["state_dict"].items() if k != "p_logit"}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"p_logit"}:
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            problem = (
+                ""
+                if not unexpected and set(missing) <= {"p_logit"}
+                else (f"missing {missing}, unexpected {unexpected}")
+            )
+        except RuntimeError as exc:  # tensor shapes differ
+            problem = str(exc).splitlines()[-1].strip()
+        if problem:
             raise ValueError(
                 f"--init-weights {args.init_weights}: does not fit a {args.model!r} network "
-                f"with {config} (missing {missing}, unexpected {unexpected})"
+                f"with {config} ({problem}); use weights trained with the same --channels, "
+                f"--layers"
             )
     return model
 

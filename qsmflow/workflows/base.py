@@ -33,7 +33,7 @@ _METHOD_TEXT = {
     "tgv": "TGV (Langkammer et al. 2015), Laplacian data term",
     "tv": "TV-ADMM (Bilgic et al. 2014; FANSI, Milovic et al. 2018)",
     "rts": "RTS (Kames et al. 2018)",
-    "dip": "Deep Image Prior (Ulyanov et al. 2018) fitted to the local field",
+    "dip": "Deep Image Prior (Ulyanov et al. 2018) with MoDIP data fidelity (Xiong et al. 2023)",
     "modl": "MoDL-QSM (Feng et al. 2021), qsmflow's shipped weights",
     "spinet": "SpiNet-QSM (Vaddadi et al. 2024), qsmflow's shipped weights",
     "region-growing": "region-growing unwrapping (ROMEO-like, Dymerska et al. 2021)",

@@ -68,7 +68,8 @@ CITATIONS: dict[str, str] = {
     "Magn Reson Med 2010;63:1471-1477.",
     "rts": "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for "
     "susceptibility mapping with sparsity priors. NeuroImage 2018;167:276-283.",
-    "dip": "Ulyanov D, Vedaldi A, Lempitsky V. Deep image prior. CVPR 2018.",
+    "dip": "Ulyanov D, Vedaldi A, Lempitsky V. Deep image prior. CVPR 2018; Xiong Z et al. "
+    "Quantitative susceptibility mapping through model-based deep image prior (MoDIP). 2023.",
     "modl": "Feng R et al. MoDL-QSM: Model-based deep learning for quantitative susceptibility "
     "mapping. NeuroImage 2021;240:118376.",
     "mcpc3ds": "Eckstein K et al. Computationally efficient combination of multi-channel phase "

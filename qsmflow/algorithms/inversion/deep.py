@@ -1,7 +1,8 @@
 """Deep-learning dipole inversions: Deep Image Prior, MoDL-QSM and SpiNet-QSM (need PyTorch).
 
 * :func:`dip` - Deep Image Prior (Ulyanov et al., CVPR 2018) fitted per volume to the local
-  field through the dipole model (no training data).
+  field through the dipole model (no training data), with MoDIP's data-fidelity step (Xiong
+  et al. 2023).
 * :func:`modl` - MoDL-QSM (Feng et al., NeuroImage 2021): unrolled CNN denoiser + CG data
   consistency with a learned lambda.
 * :func:`spinet` - SpiNet-QSM (Vaddadi et al., MAGMA 2024): unrolled majorisation-minimisation
@@ -36,6 +37,8 @@ def dip(
     n_iter: int | None = None,
     learning_rate: float = 0.003,
     tv_weight: float = 0.0,
+    dc_iter: int = 5,
+    dc_lambda: float = 0.02,
     noise_ppm: float | None = None,
     patience: int = 50,
     seed: int = 0,
@@ -47,7 +50,9 @@ def dip(
     A 3-D encoder-decoder with a fixed noise input (``seed``) is optimised (Adam,
     ``learning_rate``) so that the dipole field of its output matches the field in the mask,
     weighted by the normalised ``magnitude`` when given, plus ``tv_weight`` times its total
-    variation (ppm/mm). Early stopping: ``n_iter`` iterations (default 300 on CPU, 2000 on GPU),
+    variation (ppm/mm). The output is refined by ``dc_iter`` conjugate-gradient steps on
+    ``||W (A x - f)||^2 + dc_lambda ||x - G(z)||^2`` inside the fit (MoDIP's data-fidelity
+    module; 0 = plain DIP). Early stopping: ``n_iter`` iterations (default 300 on CPU, 2000 on GPU),
     the residual reaching ``noise_ppm`` (field noise SD, if known), or ``patience`` iterations
     without improvement. ``device``: 'auto' (CUDA when available), 'cpu' or 'cuda'.
     """
@@ -60,7 +65,8 @@ def dip(
     )
     return dip_inversion(
         field, mask, voxel_size_mm, b0_dir, magnitude=magnitude, n_iter=n_iter,
-        learning_rate=learning_rate, tv_weight=tv_weight, noise_ppm=noise_ppm,
+        learning_rate=learning_rate, tv_weight=tv_weight, dc_iter=dc_iter, dc_lambda=dc_lambda,
+        noise_ppm=noise_ppm,
         patience=patience, seed=seed, device=device, n_threads=n_threads,
     )  # fmt: skip
 
