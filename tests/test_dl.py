@@ -7,6 +7,7 @@ message is tested either way.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -194,6 +195,9 @@ def test_spinet_starts_from_modl_weights(torch, tmp_path):
     modl, _ = load_weights("modl")
     spinet, _ = load_weights("spinet", tmp_path / "spinet.pt")
     assert spinet.p.item() == pytest.approx(1.8, abs=1e-4)
+    meta = json.loads((tmp_path / "spinet.json").read_text())
+    digest = hashlib.sha256(shipped_weights("modl")[0].read_bytes()).hexdigest()
+    assert meta["data"]["init_weights"]["sha256"] == digest
     assert spinet.lam.item() == pytest.approx(modl.lam.item(), rel=1e-6)
     w_modl = modl.denoiser.net[0].weight
     assert torch.allclose(spinet.denoiser.net[0].weight, w_modl, atol=1e-7)

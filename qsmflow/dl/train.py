@@ -23,6 +23,7 @@ weights (``OUT/<model>.pt`` + provenance ``.json``) are those of the best valida
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -387,6 +388,9 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict:
         "label": label,
         "validation": {"seed": args.val_seed, "voxel_size_mm": 2.0, "noise_ppm": VAL_NOISE_PPM},
     }
+    if args.init_weights is not None:
+        digest = hashlib.sha256(Path(args.init_weights).read_bytes()).hexdigest()
+        data["init_weights"] = {"path": str(args.init_weights), "sha256": digest}
     summary: dict = {}
     run_s = 0.0
     for epoch in range(start_epoch, args.epochs):
