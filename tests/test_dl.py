@@ -144,6 +144,11 @@ def test_dip_on_odd_grid_and_oblique_b0(torch):
     assert out4.shape == shape and np.all(np.isfinite(out4))
     with pytest.raises(ValueError, match="magnitude shape"):
         inversion.modl(field, mask, (1, 1, 1.5), OBLIQUE, magnitude=np.ones((5, 5, 5)))
+    # plain DIP (no data-fidelity step) runs too; a negative step count is refused
+    plain = inversion.dip(field, mask, (1, 1, 1.5), OBLIQUE, n_iter=2, dc_iter=0)
+    assert plain.shape == shape and not np.array_equal(plain, out)
+    with pytest.raises(ValueError, match="dc_iter"):
+        inversion.dip(field, mask, (1, 1, 1.5), n_iter=2, dc_iter=-1)
 
 
 def test_training_writes_a_checkpoint_and_resumes(torch, tmp_path):

@@ -42,9 +42,6 @@ __all__ = ["main", "make_training_subject", "make_validation_subject", "sample_b
 HEAD_FOV_MM = (176.0, 208.0, 160.0)
 
 
-#: tensor component index pairs (xx, xy, xz, yy, yz, zz), as in qsmflow.anisotropy
-_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-
 #: field noise SD (ppm) of the validation head (about a multi-echo fit at SNR 100, 2 mm)
 VAL_NOISE_PPM = 7e-4
 
@@ -176,11 +173,16 @@ def _tensor_patch(subject: dict, corner, size: int, flips: tuple, b0: np.ndarray
 
     Flipping axis a negates the off-diagonal components that involve a.
     """
-    from ..algorithms.multi_orientation.sti import project_tensor, tensor_forward_field
+    from ..algorithms.multi_orientation.sti import (
+        TENSOR_COMPONENTS,
+        project_tensor,
+        tensor_forward_field,
+    )
 
     t = np.flip(_patch(subject["tensor"], corner, size), flips).copy()
-    for c, (a, b) in enumerate(_PAIRS):
-        if a != b and ((a in flips) != (b in flips)):
+    for c, name in enumerate(TENSOR_COMPONENTS):
+        a, b = ("xyz".index(axis) for axis in name)
+        if (a in flips) != (b in flips):
             t[..., c] *= -1
     field = tensor_forward_field(t, subject["voxel_size_mm"], b0, pad_factor=1.5)
     return project_tensor(t, b0), field
@@ -302,11 +304,8 @@ def _initial_model(args, config: dict, device):
         state = {k: v for k, v in ck["state_dict"].items() if k != "p_logit"}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
-            problem = (
-                ""
-                if not unexpected and set(missing) <= {"p_logit"}
-                else (f"missing {missing}, unexpected {unexpected}")
-            )
+            missing = [k for k in missing if k != "p_logit"]  # SpiNet's p starts at --p-init
+            problem = f"missing {missing}, unexpected {unexpected}" if missing or unexpected else ""
         except RuntimeError as exc:  # tensor shapes differ
             problem = str(exc).splitlines()[-1].strip()
         if problem:
@@ -482,9 +481,9 @@ def export_weights(model, kind: str, config: dict, provenance: dict, path: Path)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "qsmflow-train " + shlex.join(sys.argv[1:] if argv is None else argv)
-    summary = train(args, command=command)
+    train(args, command=command)  # errors raise
     print(f"qsmflow-train: weights in {Path(args.out_dir) / (args.model + '.pt')}")
-    return 0 if summary else 1
+    return 0
 
 
 if __name__ == "__main__":
