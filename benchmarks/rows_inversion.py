@@ -155,31 +155,27 @@ AFTER_VSHARP = ("tkd", "tv_admm", "tgv", "ndi")
 
 
 def rows() -> list[Benchmark]:
-    vsharp_rows = [
-        Benchmark(
-            f"inversion-{method.replace('_', '-')}-vsharp-{suffix}",
-            f"inversion after V-SHARP ({METHODS[method][0]})",
-            matrix,
-            vox,
-            setup=setup_vsharp,
-            prepare=timed_inversion(method, METHODS[method][1]),
-            check=check,
-            quick=quick,
-        )
-        for suffix, matrix, vox, quick in GRIDS
-        for method in AFTER_VSHARP
-    ]
-    return [
-        Benchmark(
-            f"inversion-{method.replace('_', '-')}-{suffix}",
-            f"inversion ({label}, < {target:g} s)",
-            matrix,
-            vox,
-            setup=setup,
-            prepare=timed_inversion(method, METHODS[method][1]),
-            check=check,
-            quick=quick,
-        )
-        for suffix, matrix, vox, quick in GRIDS
-        for method, (label, _, target) in METHODS.items()
-    ] + vsharp_rows
+    # (id suffix, label prefix, setup, methods): the true local field, then V-SHARP's
+    variants = (
+        ("", "inversion", setup, tuple(METHODS)),
+        ("-vsharp", "inversion after V-SHARP", setup_vsharp, AFTER_VSHARP),
+    )
+    out = []
+    for tag, prefix, setup_fn, methods in variants:
+        for suffix, matrix, vox, quick in GRIDS:
+            for method in methods:
+                label, with_magnitude, target = METHODS[method]
+                goal = "" if tag else f", < {target:g} s"
+                out.append(
+                    Benchmark(
+                        f"inversion-{method.replace('_', '-')}{tag}-{suffix}",
+                        f"{prefix} ({label}{goal})",
+                        matrix,
+                        vox,
+                        setup=setup_fn,
+                        prepare=timed_inversion(method, with_magnitude),
+                        check=check,
+                        quick=quick,
+                    )
+                )
+    return out
