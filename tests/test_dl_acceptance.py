@@ -11,8 +11,9 @@ error on validation head 108, never on head 0): MoDL 14.5 % (DGM |1 - slope| 0.0
 14.0 % (0.035), TV-ADMM 15.8 % (0.018), TKD 44.6 % (0.049).
 
 DIP (no training) is tested on the same head simulated at 4 mm, where a CPU fit is affordable:
-with the MoDIP data-fidelity step, 100 iterations reached 43.9 % against TKD's 49.7 % (150: 40.1
-%, 300: 30.2 %, 500: 26.9 %); the 2 mm numbers are in the benchmark rows.
+with the MoDIP data-fidelity step, 100 iterations reach 42.0 % against TKD's 49.5 % (a tuning
+run with 7e-4 ppm noise gave 43.9 / 40.1 / 30.2 / 26.9 % after 100 / 150 / 300 / 500 iterations);
+the 2 mm numbers are in the benchmark rows.
 """
 
 from __future__ import annotations
